@@ -1,0 +1,408 @@
+"""One typed configuration for every stage.
+
+A config is a tree of dataclasses. It is loaded from a YAML profile (``configs/cpu.yaml``,
+``configs/paper.yaml`` or a path) and then patched with dotted ``key=value`` overrides, e.g.::
+
+    cfg = load_config("cpu", ["data.label_fraction=0.05", "ray.cpus_per_worker=0.5"])
+
+Every value is checked against its field's type and the field's constraints; a bad key or value
+raises :class:`ConfigError` with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from histodiff_ray.errors import HistodiffError
+
+PROFILE_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(HistodiffError):
+    """A config key or value that cannot be used; the message says which and what is allowed."""
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"config: {key}={value!r} is not allowed; expected {allowed}")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None starts (or joins, inside `ray job submit`) a local cluster
+    num_workers: int = 1  # Ray Train workers
+    cpus_per_worker: float = 0.5  # fractional: whole-CPU workers starve Ray Data on small hosts
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    max_failures: int = 2  # Ray Train restarts the worker group from the latest checkpoint this often
+    keep_checkpoints: int = 2
+
+    def validate(self, p: str) -> None:
+        _check(self.num_workers >= 1, f"{p}.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.max_failures >= 0, f"{p}.max_failures", self.max_failures, "an integer >= 0")
+        _check(self.keep_checkpoints >= 1, f"{p}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        _check(self.gpus_per_worker > 0, f"{p}.gpus_per_worker", self.gpus_per_worker, "a number > 0")
+
+
+@dataclass
+class StorageConfig:
+    # S3 endpoint, e.g. http://127.0.0.1:8333. None: AWS_ENDPOINT_URL(_S3) or AWS itself.
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    # Credentials; None falls back to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Never printed.
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    retries: int = 5  # attempts on transient S3 errors (throttling, 5xx, resets), with backoff
+    connect_timeout_s: float = 5.0
+
+    def validate(self, p: str) -> None:
+        _check(self.retries >= 1, f"{p}.retries", self.retries, "an integer >= 1")
+        _check(self.connect_timeout_s > 0, f"{p}.connect_timeout_s", self.connect_timeout_s, "a number > 0")
+        if self.endpoint_url is not None:
+            _check(
+                self.endpoint_url.startswith(("http://", "https://")),
+                f"{p}.endpoint_url", self.endpoint_url, "an http:// or https:// URL",
+            )
+
+
+@dataclass
+class DataConfig:
+    tile_size: int = 64  # pixels per side of every stored tile
+    microns_per_pixel: float = 1.75  # the profile's resolution; sources with a known µm/px are resampled to it
+    split_seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    label_fraction: float = 1.0  # share of each class's train tiles that keep their label
+    tissue_fraction: float = 0.5  # region tiles need at least this share of tissue pixels
+    max_image_pixels: int = 50_000_000  # larger images are rejected as decompression bombs
+    tiles_per_shard: int = 4096
+    files_per_chunk: int = 4096  # ingest commits shards + manifest after each chunk of source files
+    batch_size: int = 64
+    augment: bool = True  # random flips and 90° rotations while streaming train tiles
+
+    def validate(self, p: str) -> None:
+        _check(self.tile_size >= 8 and self.tile_size % 8 == 0, f"{p}.tile_size", self.tile_size, "a multiple of 8, >= 8")
+        _check(self.microns_per_pixel > 0, f"{p}.microns_per_pixel", self.microns_per_pixel, "a number > 0")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            _check(0 <= v < 1, f"{p}.{name}", v, "a number in [0, 1)")
+        _check(
+            self.val_fraction + self.test_fraction < 1, f"{p}.val_fraction+test_fraction",
+            self.val_fraction + self.test_fraction, "a sum below 1 (train needs tiles)",
+        )
+        _check(0 < self.label_fraction <= 1, f"{p}.label_fraction", self.label_fraction, "a number in (0, 1]")
+        _check(0 <= self.tissue_fraction <= 1, f"{p}.tissue_fraction", self.tissue_fraction, "a number in [0, 1]")
+        _check(self.max_image_pixels > 0, f"{p}.max_image_pixels", self.max_image_pixels, "an integer > 0")
+        for name in ("tiles_per_shard", "files_per_chunk", "batch_size"):
+            v = getattr(self, name)
+            _check(v >= 1, f"{p}.{name}", v, "an integer >= 1")
+
+
+@dataclass
+class AutoencoderConfig:
+    """diffusers AutoencoderKL; len(channels) - 1 downsamplings give the factor f."""
+
+    latent_channels: int = 4
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    kl_weight: float = 1e-6
+    lr: float = 1e-4
+    max_steps: int = 2_000
+    checkpoint_every: int = 500
+    log_every: int = 50
+
+    def validate(self, p: str) -> None:
+        for name in ("max_steps", "checkpoint_every", "log_every"):
+            _check(getattr(self, name) >= 1, f"{p}.{name}", getattr(self, name), "an integer >= 1")
+        _check(self.latent_channels >= 1, f"{p}.latent_channels", self.latent_channels, "an integer >= 1")
+        _check(len(self.block_out_channels) >= 1, f"{p}.block_out_channels", self.block_out_channels, "a non-empty list")
+        _check(self.layers_per_block >= 1, f"{p}.layers_per_block", self.layers_per_block, "an integer >= 1")
+        _check(self.kl_weight >= 0, f"{p}.kl_weight", self.kl_weight, "a number >= 0")
+        _check(self.lr > 0, f"{p}.lr", self.lr, "a number > 0")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class UNetConfig:
+    """diffusers UNet2DModel in latent space."""
+
+    base_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    attention_resolutions: list[int] = field(default_factory=lambda: [4])  # downsample rates with attention
+    num_heads: int = 4
+    layers_per_block: int = 1
+    resnet_time_scale_shift: str = "scale_shift"  # "default" or "scale_shift" (the paper's scale-shift norm)
+    resblock_updown: bool = True
+    dropout: float = 0.0
+
+    def validate(self, p: str) -> None:
+        _check(self.base_channels >= 8, f"{p}.base_channels", self.base_channels, "an integer >= 8")
+        _check(len(self.channel_mult) >= 1, f"{p}.channel_mult", self.channel_mult, "a non-empty list")
+        _check(
+            all(r in [2**i for i in range(len(self.channel_mult))] for r in self.attention_resolutions),
+            f"{p}.attention_resolutions", self.attention_resolutions,
+            f"downsample rates among {[2**i for i in range(len(self.channel_mult))]}",
+        )
+        _check(self.num_heads >= 1, f"{p}.num_heads", self.num_heads, "an integer >= 1")
+        _check(self.layers_per_block >= 1, f"{p}.layers_per_block", self.layers_per_block, "an integer >= 1")
+        _check(
+            self.resnet_time_scale_shift in ("default", "scale_shift"),
+            f"{p}.resnet_time_scale_shift", self.resnet_time_scale_shift, "'default' or 'scale_shift'",
+        )
+        _check(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0155
+    prediction_type: str = "epsilon"
+    loss: str = "l1"
+    lr: float = 5e-5
+    warmup_steps: int = 10_000
+    ema_decay: float = 0.9999
+    max_steps: int = 100_000
+    grad_accum_steps: int = 1
+    checkpoint_every: int = 5_000
+    log_every: int = 50
+    bf16: bool = True  # autocast where it pays (CUDA always; CPU only for attention-free models)
+    # Target-domain fine-tuning continues from the pre-trained EMA weights with its own budget.
+    finetune_lr: float = 2e-5
+    finetune_steps: int = 20_000
+    finetune_warmup_steps: int = 500
+
+    def validate(self, p: str) -> None:
+        _check(self.finetune_lr > 0, f"{p}.finetune_lr", self.finetune_lr, "a number > 0")
+        _check(self.finetune_steps >= 1, f"{p}.finetune_steps", self.finetune_steps, "an integer >= 1")
+        _check(self.finetune_warmup_steps >= 0, f"{p}.finetune_warmup_steps", self.finetune_warmup_steps, "an integer >= 0")
+        _check(self.num_train_timesteps >= 1, f"{p}.num_train_timesteps", self.num_train_timesteps, "an integer >= 1")
+        _check(self.beta_schedule in ("linear", "scaled_linear"), f"{p}.beta_schedule", self.beta_schedule, "'linear' or 'scaled_linear'")
+        _check(0 < self.beta_start < self.beta_end < 1, f"{p}.beta_start/beta_end", (self.beta_start, self.beta_end), "0 < beta_start < beta_end < 1")
+        _check(self.prediction_type == "epsilon", f"{p}.prediction_type", self.prediction_type, "'epsilon'")
+        _check(self.loss in ("l1", "l2"), f"{p}.loss", self.loss, "'l1' or 'l2'")
+        _check(self.lr > 0, f"{p}.lr", self.lr, "a number > 0")
+        _check(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(0 <= self.ema_decay < 1, f"{p}.ema_decay", self.ema_decay, "a number in [0, 1)")
+        for name in ("max_steps", "grad_accum_steps", "checkpoint_every", "log_every"):
+            v = getattr(self, name)
+            _check(v >= 1, f"{p}.{name}", v, "an integer >= 1")
+
+
+@dataclass
+class ClassifierConfig:
+    """Noise-aware latent classifier: UNet encoder half + timestep embedding + attention pooling."""
+
+    width: int = 64
+    depth: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [4])
+    pool: str = "attention"
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    max_steps: int = 2_000
+
+    def validate(self, p: str) -> None:
+        _check(self.width >= 8, f"{p}.width", self.width, "an integer >= 8")
+        _check(self.depth >= 1, f"{p}.depth", self.depth, "an integer >= 1")
+        _check(self.pool in ("attention", "mean"), f"{p}.pool", self.pool, "'attention' or 'mean'")
+        _check(self.lr > 0, f"{p}.lr", self.lr, "a number > 0")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.max_steps >= 1, f"{p}.max_steps", self.max_steps, "an integer >= 1")
+
+
+@dataclass
+class SamplingConfig:
+    ddim_steps: int = 50
+    eta: float = 1.0
+    guidance_scale: float = 10.0
+
+    def validate(self, p: str) -> None:
+        _check(1 <= self.ddim_steps <= 1000, f"{p}.ddim_steps", self.ddim_steps, "an integer in [1, 1000]")
+        _check(0 <= self.eta <= 1, f"{p}.eta", self.eta, "a number in [0, 1]")
+        _check(self.guidance_scale >= 0, f"{p}.guidance_scale", self.guidance_scale, "a number >= 0")
+
+
+@dataclass
+class SelectionConfig:
+    confidence_threshold: float = 0.9
+    max_per_class: int = 500
+    min_real_distance: float = 0.0  # memorization audit: drop synthetic tiles closer than this to a real one
+
+    def validate(self, p: str) -> None:
+        _check(0 <= self.confidence_threshold <= 1, f"{p}.confidence_threshold", self.confidence_threshold, "a number in [0, 1]")
+        _check(self.max_per_class >= 1, f"{p}.max_per_class", self.max_per_class, "an integer >= 1")
+        _check(self.min_real_distance >= 0, f"{p}.min_real_distance", self.min_real_distance, "a number >= 0")
+
+
+@dataclass
+class Config:
+    profile: str = "cpu"
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(f.name)
+        latent = self.data.tile_size // self.autoencoder.downsample_factor
+        _check(
+            self.data.tile_size % self.autoencoder.downsample_factor == 0,
+            "data.tile_size", self.data.tile_size,
+            f"a multiple of the autoencoder's downsample factor {self.autoencoder.downsample_factor}",
+        )
+        _check(
+            latent % (2 ** (len(self.unet.channel_mult) - 1)) == 0,
+            "unet.channel_mult", self.unet.channel_mult,
+            f"at most log2 of the latent size ({latent}) downsamplings",
+        )
+        return self
+
+    def to_dict(self, include_secrets: bool = False) -> dict:
+        d = dataclasses.asdict(self)
+        if not include_secrets:
+            d["storage"]["access_key_id"] = None
+            d["storage"]["secret_access_key"] = None
+        return d
+
+    def hash(self, *sections: str) -> str:
+        """A short stable hash of the given sections (all when none), for naming runs and caching."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/override value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # from an override: "1,2,4" or "[1, 2, 4]"
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {key}={value!r} is not allowed; expected a list")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config: {key}={value!r} is not allowed; expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config: {key}={value!r} is not allowed; expected an integer")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config: {key}={value!r} is not allowed; expected an integer") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"config: {key}={value!r} is not allowed; expected an integer")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config: {key}={value!r} is not allowed; expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config: {key}={value!r} is not allowed; expected a number") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config: {key}={value!r} is not allowed; expected a string")
+        return str(value)
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _apply(obj: Any, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"config: unknown key {dotted!r}; allowed here: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config: {dotted}={value!r} is not allowed; expected a mapping of {dotted}.* keys")
+            _apply(current, value, f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def parse_override(text: str) -> dict:
+    """'data.label_fraction=0.05' -> {'data': {'label_fraction': '0.05'}}; _coerce types the value."""
+    if "=" not in text:
+        raise ConfigError(f"config: override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = None if raw.strip().lower() in ("", "null", "none", "~") else raw.strip()
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def resolve_profile(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config: file {str(path)!r} does not exist")
+        return path
+    candidate = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ConfigError(f"config: unknown profile {name_or_path!r}; use a YAML path or one of {known}")
+    return candidate
+
+
+def config_from_dict(values: dict) -> Config:
+    """The inverse of ``Config.to_dict`` (how configs travel to Ray workers)."""
+    cfg = Config()
+    _apply(cfg, values, "")
+    return cfg.validate()
+
+
+def load_config(name_or_path: str = "cpu", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a profile (name or YAML path), apply dotted overrides, validate."""
+    path = resolve_profile(name_or_path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of sections, not {type(values).__name__}")
+    cfg = Config()
+    _apply(cfg, values, "")
+    for text in overrides:
+        _apply(cfg, parse_override(text), "")
+    return cfg.validate()

@@ -1,0 +1,139 @@
+"""Tile shards: their schema, the manifest that lists them, and Ray Data streaming over them.
+
+A tile set is a folder (local or S3) holding ``manifest.json`` and ``shards/part-*.parquet``.
+The manifest is the source of truth: readers take the shard list from it, so a shard written by an
+interrupted ingest but never committed to the manifest is invisible.
+
+Streaming (``read_tiles``) yields numpy batches ready for torch:
+``{"image": float32 N×3×H×W in [-1, 1], "label": int64 N (-1 when unknown)}`` with random flips and
+90° rotations for training; ``ray.train.get_dataset_shard`` hands each worker its share.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from histodiff_ray.errors import HistodiffError
+from histodiff_ray.storage import Location, read_bytes, write_atomic
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "histodiff-tiles/1"
+SPLITS = ("train", "val", "test")
+UNLABELED = "unlabeled"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("tile_id", pa.string()),  # content hash of the tile's pixels
+        pa.field("image", pa.binary()),  # PNG, tile_size × tile_size RGB
+        pa.field("label", pa.int16()),  # index into manifest["classes"], -1 when unlabeled
+        pa.field("label_name", pa.string()),  # null when unlabeled
+        pa.field("labeled", pa.bool_()),  # the label may be used for training (see label_fraction)
+        pa.field("split", pa.string()),  # train | val | test, fixed at ingest
+        pa.field("dup_group", pa.string()),  # rotated/flipped copies share a group (and a split)
+        pa.field("source", pa.string()),  # dataset name, e.g. crc5/train or unlabeled/gbm40-brain
+        pa.field("origin", pa.string()),  # URI of the source file
+        pa.field("x", pa.int32()),  # tile's top-left in the source file's pixels
+        pa.field("y", pa.int32()),
+        pa.field("signature", pa.binary()),  # 16×16×3 uint8 thumbnail for duplicate search
+    ]
+)
+
+
+class TileSetError(HistodiffError):
+    """A tile set that cannot be read as asked."""
+
+
+def load_manifest(root: Location) -> dict[str, Any] | None:
+    """The manifest at ``root``, or None when the folder holds no tile set yet."""
+    try:
+        raw = read_bytes(root.join(MANIFEST_NAME))
+    except FileNotFoundError:
+        return None
+    manifest = json.loads(raw)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise TileSetError(f"{root.join(MANIFEST_NAME)} is not a {MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def require_manifest(root: Location) -> dict[str, Any]:
+    manifest = load_manifest(root)
+    if manifest is None:
+        raise TileSetError(f"no tile set at {root}: {MANIFEST_NAME} is missing; run `histodiff ingest --output {root}` first")
+    return manifest
+
+
+def save_manifest(root: Location, manifest: dict[str, Any]) -> None:
+    write_atomic(root.join(MANIFEST_NAME), json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+
+def shard_paths(root: Location, manifest: dict[str, Any]) -> list[str]:
+    return [root.join(shard["path"]).path for shard in manifest["shards"]]
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
+
+
+def decode_batch(batch: dict[str, np.ndarray], augment: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
+    """PNG bytes → float32 N×3×H×W in [-1, 1]; optional random flips and 90° rotations."""
+    images = np.stack([decode_png(b) for b in batch["image"]])  # N×H×W×3 uint8
+    if augment:
+        rng = np.random.default_rng(seed)
+        turns = rng.integers(0, 4, len(images))
+        flips = rng.integers(0, 2, len(images)).astype(bool)
+        images = np.stack([np.rot90(img[:, ::-1] if f else img, k) for img, k, f in zip(images, turns, flips)])
+    chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32)
+    out = {"image": chw / 127.5 - 1.0, "label": np.asarray(batch["label"], dtype=np.int64)}
+    if "tile_id" in batch:
+        out["tile_id"] = batch["tile_id"]
+    return out
+
+
+def read_tiles(
+    root: Location,
+    split: str | None = "train",
+    *,
+    labeled_only: bool = False,
+    sources: list[str] | None = None,
+    augment: bool = False,
+    batch_size: int = 256,
+    keep_ids: bool = False,
+):
+    """A Ray Dataset of decoded tiles from the tile set at ``root``.
+
+    ``split``: one of train/val/test, or None for all. ``labeled_only``: only tiles whose label may
+    be used for training. ``sources``: restrict to these source names.
+    """
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    if split is not None and split not in SPLITS:
+        raise TileSetError(f"split {split!r} is not one of {SPLITS}")
+    manifest = require_manifest(root)
+    if not manifest["shards"]:
+        raise TileSetError(f"the tile set at {root} holds no tiles")
+    ds = ray.data.read_parquet(shard_paths(root, manifest), filesystem=root.filesystem)
+    if split is not None:
+        ds = ds.filter(expr=col("split") == lit(split))
+    if labeled_only:
+        ds = ds.filter(expr=col("labeled") == lit(True))
+    if sources:
+        known = {s for split_counts in manifest.get("sources_by_split", {}).values() for s in split_counts}
+        missing = [s for s in sources if known and s not in known]
+        if missing:
+            raise TileSetError(f"source(s) {missing} are not in the tile set at {root}; it holds {sorted(known)}")
+        ds = ds.filter(expr=col("source").is_in(list(sources)))
+    columns = ["image", "label"] + (["tile_id"] if keep_ids else [])
+    ds = ds.select_columns(columns)
+    return ds.map_batches(
+        decode_batch,
+        fn_kwargs={"augment": augment},
+        batch_size=batch_size,
+        batch_format="numpy",
+    )

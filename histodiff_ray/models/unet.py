@@ -1,0 +1,34 @@
+"""The latent-space denoiser (diffusers ``UNet2DModel``) built from config.
+
+Block i works at 1/2^i of the latent resolution, so ``attention_resolutions`` (downsample rates,
+as in guided-diffusion) select attention blocks directly. diffusers fixes the size of an attention
+head rather than the number of heads: ``num_heads`` is the count at the base width, and wider blocks
+get proportionally more heads.
+"""
+
+from __future__ import annotations
+
+from diffusers import UNet2DModel
+
+from histodiff_ray.config import UNetConfig
+
+
+def build_unet(cfg: UNetConfig, latent_size: int, latent_channels: int, num_train_timesteps: int = 1000) -> UNet2DModel:
+    channels = [cfg.base_channels * m for m in cfg.channel_mult]
+    attention = [2**i in cfg.attention_resolutions for i in range(len(channels))]
+    return UNet2DModel(
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        block_out_channels=tuple(channels),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=max(1, cfg.base_channels // cfg.num_heads),
+        resnet_time_scale_shift=cfg.resnet_time_scale_shift,
+        downsample_type="resnet" if cfg.resblock_updown else "conv",
+        upsample_type="resnet" if cfg.resblock_updown else "conv",
+        dropout=cfg.dropout,
+        norm_num_groups=32,
+        num_train_timesteps=num_train_timesteps,
+    )

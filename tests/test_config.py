@@ -1,0 +1,90 @@
+import pytest
+
+from histodiff_ray.config import ConfigError, load_config
+
+
+def test_cpu_profile_maps_64px_tiles_to_16x16x4_latents():
+    cfg = load_config("cpu")
+    assert cfg.data.tile_size == 64
+    assert cfg.data.tile_size // cfg.autoencoder.downsample_factor == 16
+    assert cfg.autoencoder.latent_channels == 4
+    assert 0 < cfg.ray.cpus_per_worker < 1
+
+
+def test_paper_profile_has_the_papers_settings():
+    cfg = load_config("paper")
+    assert cfg.data.tile_size == 256
+    ae = cfg.autoencoder
+    assert (ae.latent_channels, ae.block_out_channels, ae.layers_per_block) == (3, [128, 256, 512], 2)
+    assert cfg.data.tile_size // ae.downsample_factor == 64
+    u = cfg.unet
+    assert (u.base_channels, u.channel_mult, u.attention_resolutions, u.num_heads, u.layers_per_block) == (
+        192, [1, 2, 2, 4, 4], [1, 2, 4, 8], 8, 2)
+    assert u.resnet_time_scale_shift == "scale_shift" and u.resblock_updown
+    d = cfg.diffusion
+    assert (d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.loss, d.lr, d.warmup_steps) == (
+        1000, "linear", 0.0015, 0.0155, "l1", 5e-5, 10_000)
+    c = cfg.classifier
+    assert (c.width, c.depth, c.attention_resolutions, c.pool, c.lr, c.weight_decay) == (128, 2, [2, 4], "attention", 5e-5, 0.05)
+    s = cfg.sampling
+    assert (s.ddim_steps, s.eta, s.guidance_scale) == (50, 1.0, 10.0)
+    assert cfg.selection.max_per_class == 500
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("cpu", ["data.label_fraction=0.05", "unet.channel_mult=1,2,2,2", "data.augment=false",
+                              "storage.endpoint_url=http://127.0.0.1:9000", "diffusion.lr=1e-4", "ray.address=null"])
+    assert cfg.data.label_fraction == 0.05
+    assert cfg.unet.channel_mult == [1, 2, 2, 2]
+    assert cfg.data.augment is False
+    assert cfg.storage.endpoint_url == "http://127.0.0.1:9000"
+    assert cfg.diffusion.lr == 1e-4
+    assert cfg.ray.address is None
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.tile_sise=64", ["data.tile_sise", "tile_size"]),  # unknown key: names the allowed ones
+        ("nosuch.key=1", ["nosuch", "data"]),
+        ("data.label_fraction=1.5", ["data.label_fraction", "1.5", "(0, 1]"]),
+        ("data.tile_size=abc", ["data.tile_size", "abc", "integer"]),
+        ("data.tile_size=60", ["data.tile_size", "60", "multiple of 8"]),
+        ("diffusion.loss=huber", ["diffusion.loss", "huber", "'l1' or 'l2'"]),
+        ("data.augment=maybe", ["data.augment", "maybe", "true or false"]),
+        ("storage.endpoint_url=localhost:9000", ["storage.endpoint_url", "http://"]),
+        ("data=5", ["data", "mapping"]),
+        ("data.label_fraction", ["section.key=value"]),
+    ],
+)
+def test_bad_keys_and_values_name_the_key_the_value_and_what_is_allowed(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu", [override])
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_yaml_file_with_an_unknown_key_fails(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  tile_size: 64\n  colour: pink\n")
+    with pytest.raises(ConfigError, match="data.colour"):
+        load_config(str(path))
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="cpu"):
+        load_config("gpu-huge")
+
+
+def test_secrets_never_appear_in_repr_or_dict():
+    cfg = load_config("cpu", ["storage.access_key_id=AKIA-SECRET-ID", "storage.secret_access_key=s3cr3t-value"])
+    assert "s3cr3t-value" not in repr(cfg) and "AKIA-SECRET-ID" not in repr(cfg)
+    assert "s3cr3t-value" not in str(cfg.to_dict())
+    assert cfg.storage.secret_access_key == "s3cr3t-value"
+
+
+def test_config_hash_is_stable_and_ignores_secrets():
+    a = load_config("cpu", ["storage.secret_access_key=one"])
+    b = load_config("cpu", ["storage.secret_access_key=two"])
+    assert a.hash() == b.hash()
+    assert a.hash() != load_config("cpu", ["data.tile_size=128"]).hash()
