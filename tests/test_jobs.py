@@ -75,3 +75,9 @@ def test_cli_help_explains_every_subcommand():
     ingest_help = subprocess.run([str(BIN / "histodiff"), "ingest", "--help"], capture_output=True, text=True, check=True).stdout
     for flag in ("--input", "--output", "--labeled", "--mpp", "KEY=VALUE", "quarantined"):
         assert flag in ingest_help
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (REPO / "jobs").glob("*.py")))
+def test_every_job_entrypoint_runs_its_stage(job):
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / job), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--config" in out.stdout and "KEY=VALUE" in out.stdout

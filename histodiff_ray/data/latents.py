@@ -1,0 +1,145 @@
+"""`histodiff encode-latents`: encode a tile set once with the autoencoder, so diffusion training
+never runs the VAE encoder per step.
+
+A latent set mirrors its tile set: ``manifest.json`` + ``shards/*.parquet`` with one row per tile
+(tile_id, label, labeled, split, source, and the posterior mean as float16 bytes). The manifest
+records the autoencoder it came from and the scale factor 1/std of the train latents (LDM's
+scale-by-std), which makes the diffusion model's inputs unit-variance.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from histodiff_ray.config import Config
+from histodiff_ray.data.tiles import require_manifest, shard_paths, decode_png
+from histodiff_ray.errors import HistodiffError
+from histodiff_ray.storage import Location, open_location, read_bytes, write_atomic
+
+LATENT_FORMAT = "histodiff-latents/1"
+META_COLUMNS = ["tile_id", "label", "labeled", "split", "source"]
+
+
+class LatentEncoder:
+    """A Ray Data callable class: the autoencoder is loaded once per actor."""
+
+    def __init__(self, vae_dir: str, storage: dict):
+        import tempfile
+
+        import torch
+
+        from histodiff_ray.config import StorageConfig
+        from histodiff_ray.models.autoencoder import load_autoencoder
+        from histodiff_ray.storage import download_dir
+
+        torch.set_num_threads(1)  # one thread per actor: actors, not threads, scale across cores
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        local = download_dir(open_location(vae_dir, StorageConfig(**storage)), tempfile.mkdtemp(prefix="vae-"))
+        self.vae = load_autoencoder(local).to(self.device).eval()
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        pixels = np.stack([decode_png(b) for b in batch["image"]]).transpose(0, 3, 1, 2)
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).float() / 127.5 - 1.0
+        with torch.no_grad():
+            mean = self.vae.encode(x).latent_dist.mean.float().cpu().numpy()
+        out = {c: batch[c] for c in META_COLUMNS}
+        out["latent"] = [m.astype(np.float16).tobytes() for m in mean]
+        return out
+
+
+def encode_latents(cfg: Config, tiles: str, vae_dir: str, output: str, actors: int = 2) -> dict:
+    """Encode every tile of the tile set at ``tiles`` into a latent set at ``output``."""
+    import ray.data
+
+    from histodiff_ray.raycluster import init_ray
+
+    tiles_loc, out = open_location(tiles, cfg.storage), open_location(output, cfg.storage)
+    manifest = require_manifest(tiles_loc)
+    init_ray(cfg)
+    ds = ray.data.read_parquet(shard_paths(tiles_loc, manifest), filesystem=tiles_loc.filesystem)
+    ds = ds.select_columns(["image"] + META_COLUMNS).map_batches(
+        LatentEncoder,
+        fn_constructor_kwargs={"vae_dir": vae_dir, "storage": _storage_dict(cfg)},
+        batch_size=64,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        num_cpus=cfg.ray.cpus_per_worker,
+        num_gpus=cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0,
+    )
+    table = ds.to_arrow_refs()
+    tables = [t for t in ray.get(table) if t.num_rows]
+    if not tables:
+        raise HistodiffError(f"encode-latents: the tile set at {tiles} has no tiles")
+    latents = pa.concat_tables(tables).sort_by("tile_id")
+    c = cfg.autoencoder.latent_channels
+    side = cfg.data.tile_size // cfg.autoencoder.downsample_factor
+    train = latents.filter(pc.equal(latents.column("split"), "train"))
+    sample = np.stack([np.frombuffer(b, np.float16) for b in train.column("latent").to_pylist()[:4096]]).astype(np.float32)
+    scale_factor = float(1.0 / sample.std())
+    shards = []
+    per_shard = 16384
+    for i, start in enumerate(range(0, latents.num_rows, per_shard)):
+        sink = pa.BufferOutputStream()
+        pq.write_table(latents.slice(start, per_shard), sink, compression="zstd")
+        name = f"shards/part-{i:05d}.parquet"
+        write_atomic(out.join(name), sink.getvalue().to_pybytes())
+        shards.append({"path": name, "rows": min(per_shard, latents.num_rows - start)})
+    latent_manifest = {
+        "format": LATENT_FORMAT,
+        "tiles": tiles_loc.uri,
+        "autoencoder": vae_dir,
+        "latent_shape": [c, side, side],
+        "scale_factor": scale_factor,
+        "classes": manifest["classes"],
+        "counts": manifest["counts"],
+        "labeled_train": manifest["labeled_train"],
+        "shards": shards,
+        "rows": latents.num_rows,
+    }
+    write_atomic(out.join("manifest.json"), json.dumps(latent_manifest, indent=1, sort_keys=True).encode())
+    return latent_manifest
+
+
+def _storage_dict(cfg: Config) -> dict:
+    """Storage settings for actors, credentials included (they are needed to read the model);
+    they travel inside Ray's object store, never through logs or job metadata."""
+    import dataclasses
+
+    return dataclasses.asdict(cfg.storage)
+
+
+def load_latent_manifest(root: Location) -> dict:
+    try:
+        manifest = json.loads(read_bytes(root.join("manifest.json")))
+    except FileNotFoundError:
+        raise HistodiffError(f"no latent set at {root}; run `histodiff encode-latents --output {root}` first") from None
+    if manifest.get("format") != LATENT_FORMAT:
+        raise HistodiffError(f"{root}/manifest.json is not a {LATENT_FORMAT} manifest")
+    return manifest
+
+
+def decode_latents(batch: dict, shape: list[int]) -> dict:
+    latents = np.stack([np.frombuffer(b, np.float16).reshape(shape) for b in batch["latent"]]).astype(np.float32)
+    return {"latent": latents, "label": np.asarray(batch["label"], dtype=np.int64)}
+
+
+def read_latents(root: Location, split: str | None = "train", labeled_only: bool = False):
+    """A Ray Dataset of float32 latents (unscaled) with labels."""
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    manifest = load_latent_manifest(root)
+    ds = ray.data.read_parquet([root.join(s["path"]).path for s in manifest["shards"]], filesystem=root.filesystem)
+    if split is not None:
+        ds = ds.filter(expr=col("split") == lit(split))
+    if labeled_only:
+        ds = ds.filter(expr=col("labeled") == lit(True))
+    return ds.select_columns(["latent", "label"]).map_batches(
+        decode_latents, fn_kwargs={"shape": manifest["latent_shape"]}, batch_format="numpy", batch_size=1024
+    )

@@ -1,0 +1,78 @@
+"""A trained latent diffusion model, loaded from a run folder: sample latents, decode tiles.
+
+    ldm = LatentDiffusion.from_run(open_location("runs/finetune", cfg.storage))
+    tiles = ldm.decode(ldm.sample(16, steps=50, generator=torch.Generator().manual_seed(0)))
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from histodiff_ray.config import DiffusionConfig
+from histodiff_ray.diffusion.sampler import ddim_sample
+from histodiff_ray.diffusion.schedule import NoiseSchedule
+from histodiff_ray.storage import Location, download_dir, write_atomic
+from histodiff_ray.train.trainer import read_run_info
+
+
+@dataclass
+class LatentDiffusion:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    schedule: NoiseSchedule
+    scale_factor: float
+    latent_shape: tuple[int, int, int]
+    device: torch.device
+
+    @classmethod
+    def from_run(cls, run: Location, device: str | None = None) -> "LatentDiffusion":
+        from diffusers import AutoencoderKL, UNet2DModel
+
+        info = read_run_info(run)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        local = download_dir(run.join("model"), tempfile.mkdtemp(prefix="ldm-"))
+        unet = UNet2DModel.from_pretrained(f"{local}/unet", use_safetensors=True).to(dev).eval()
+        vae = AutoencoderKL.from_pretrained(f"{local}/vae", use_safetensors=True).to(dev).eval()
+        d = info["config"]["diffusion"]
+        schedule = NoiseSchedule.from_config(DiffusionConfig(**d))
+        return cls(unet, vae, schedule, float(info["scale_factor"]), tuple(info["latent_shape"]), dev)
+
+    def eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(z, t).sample
+
+    def sample(self, n: int, *, steps: int = 50, eta: float = 1.0, generator: torch.Generator | None = None,
+               cond_fn=None, guidance_scale: float = 0.0, progress=None) -> torch.Tensor:
+        """Scaled latents z_0 (n × C × h × w)."""
+        return ddim_sample(self.eps, self.schedule, (n, *self.latent_shape), steps=steps, eta=eta, generator=generator,
+                           device=self.device, cond_fn=cond_fn, guidance_scale=guidance_scale, progress=progress)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        """Scaled latents → uint8 tiles, N × H × W × 3."""
+        x = self.vae.decode(z / self.scale_factor).sample.clamp(-1, 1)
+        return ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tile_grid(tiles: np.ndarray, columns: int | None = None, pad: int = 2) -> Image.Image:
+    """N × H × W × 3 uint8 tiles → one white-padded grid image."""
+    n, h, w, _ = tiles.shape
+    cols = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = tile
+    return Image.fromarray(grid)
+
+
+def save_png(image: Image.Image, dest: Location) -> None:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    write_atomic(dest, buf.getvalue())

@@ -1,0 +1,255 @@
+"""Ray Train loops (``train_loop_per_worker`` functions) for the autoencoder and the diffusion model.
+
+Both follow one pattern: build the model from config; resume from ``ray.train.get_checkpoint()``
+when Ray Train restarts or a run is re-launched under the same name; wrap with
+``prepare_model`` (DDP over gloo on CPU, NCCL on GPU: the same code); stream batches from
+``get_dataset_shard``; report metrics every ``log_every`` steps and a checkpoint every
+``checkpoint_every`` steps. Every worker reports at the same steps (``report`` is a barrier).
+
+A checkpoint folder holds diffusers-format model folders (safetensors), ``optimizer.pt`` (tensors
+only, read back with ``weights_only=True``), ``state.json`` (step, metrics history) and the
+metrics as ``metrics.csv`` and TensorBoard events. No checkpoint is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from histodiff_ray.config import config_from_dict
+from histodiff_ray.diffusion.schedule import NoiseSchedule
+from histodiff_ray.metrics import psnr, ssim
+from histodiff_ray.models.autoencoder import build_autoencoder
+from histodiff_ray.models.unet import build_unet
+
+
+class AutoencoderObjective(torch.nn.Module):
+    """Reconstruction + KL in one forward, so DDP sees (and syncs) the whole computation."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x):
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        return recon, posterior.kl().mean()
+
+
+def _save_checkpoint(models: dict, optimizer, state: dict):
+    import ray.train
+
+    folder = tempfile.mkdtemp(prefix="ckpt-")
+    for name, model in models.items():
+        model.save_pretrained(os.path.join(folder, name), safe_serialization=True)
+    torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+    with open(os.path.join(folder, "state.json"), "w") as f:
+        json.dump(state, f)
+    write_metrics(state["history"], folder)
+    return ray.train.Checkpoint.from_directory(folder)
+
+
+def _load_checkpoint(models: dict, optimizer) -> dict:
+    """Restore models and optimizer from the latest checkpoint, if any; returns its state."""
+    import ray.train
+    from safetensors.torch import load_file
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as folder:
+        for name, model in models.items():
+            model.load_state_dict(load_file(os.path.join(folder, name, "diffusion_pytorch_model.safetensors")))
+        optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True, map_location="cpu"))
+        with open(os.path.join(folder, "state.json")) as f:
+            return json.load(f)
+
+
+def write_metrics(history: list[dict], folder: str) -> None:
+    """metrics.csv and a TensorBoard events file, rewritten from the whole history (so a run that
+    was restarted still has one continuous curve)."""
+    if not history:
+        return
+    keys = sorted({k for row in history for k in row})
+    with open(os.path.join(folder, "metrics.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(os.path.join(folder, "tensorboard"), flush_secs=1) as tb:
+        for row in history:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    tb.add_scalar(k, v, row["step"])
+
+
+def _progress(kind: str, row: dict, max_steps: int) -> None:
+    """One line per logged step on rank 0; Ray forwards worker output to the driver's console."""
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step" and isinstance(v, float))
+    print(f"[{kind}] step {row['step']}/{max_steps}: {shown}", flush=True)
+
+
+def _set_lr(optimizer, base_lr: float, step: int, warmup: int) -> float:
+    lr = base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def autoencoder_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(config["cfg"])
+    ae = cfg.autoencoder
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    vae = build_autoencoder(ae, cfg.data.tile_size)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=ae.lr)
+    state = _load_checkpoint({"vae": vae}, optimizer)
+    step, history = state.get("step", 0), state.get("history", [])
+    model = ray.train.torch.prepare_model(AutoencoderObjective(vae))
+    train = ray.train.get_dataset_shard("train")
+    val = ray.train.get_dataset_shard("val")
+    window, started = [], time.perf_counter()
+    while step < ae.max_steps:
+        for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
+            x = batch["image"]
+            recon, kl = model(x)
+            rec_loss = F.l1_loss(recon, x)
+            loss = rec_loss + ae.kl_weight * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            window.append((rec_loss.item(), kl.item(), len(x)))
+            last = step >= ae.max_steps
+            if step % ae.log_every == 0 or step % ae.checkpoint_every == 0 or last:
+                elapsed = time.perf_counter() - started
+                row = {"step": step, "l1": sum(w[0] for w in window) / len(window), "kl": sum(w[1] for w in window) / len(window),
+                       "tiles_per_s": sum(w[2] for w in window) / max(elapsed, 1e-9)}
+                window, started = [], time.perf_counter()
+                checkpoint = None
+                if step % ae.checkpoint_every == 0 or last:
+                    if rank == 0:
+                        row.update(evaluate_autoencoder(vae, val, device, cfg.data.batch_size, None if last else ae.val_tiles))
+                        history.append(row)
+                        checkpoint = _save_checkpoint({"vae": vae}, optimizer, {"step": step, "history": history})
+                elif rank == 0:
+                    history.append(row)
+                if rank == 0:
+                    _progress("autoencoder", row, ae.max_steps)
+                ray.train.report(row, checkpoint=checkpoint)
+            if last:
+                break
+
+
+@torch.no_grad()
+def evaluate_autoencoder(vae, val, device, batch_size: int, max_tiles: int | None = None) -> dict:
+    """Reconstruction PSNR and SSIM over the val split, or its first ``max_tiles`` (images in [0, 1])."""
+    vae.eval()
+    total_psnr = total_ssim = n = 0.0
+    for batch in val.iter_torch_batches(batch_size=batch_size, device=device):
+        if max_tiles is not None and n >= max_tiles:
+            break
+        x = batch["image"]
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        a, b = (x + 1) / 2, (recon + 1) / 2
+        total_psnr += psnr(a, b).sum().item()
+        total_ssim += ssim(a, b).sum().item()
+        n += len(x)
+    vae.train()
+    return {"val_psnr": total_psnr / max(n, 1), "val_ssim": total_ssim / max(n, 1), "val_tiles": int(n)}
+
+
+class EMA:
+    """Exponential moving average of a model's weights (kept as a full model, so it saves as one)."""
+
+    def __init__(self, model, decay: float):
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model, step: int) -> None:
+        # Warm-up as in diffusers' EMAModel: early averages forget the random initialisation fast.
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+
+
+def diffusion_loop(config: dict) -> None:
+    """DDPM ε-prediction training of the latent UNet: pre-training, or fine-tuning when
+    ``config["init_weights"]`` holds a pre-trained state dict (and ``config["finetune"]`` is set)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(config["cfg"])
+    d = cfg.diffusion
+    lr, max_steps, warmup = (d.finetune_lr, d.finetune_steps, d.finetune_warmup_steps) if config.get("finetune") else (d.lr, d.max_steps, d.warmup_steps)
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg.seed + 1000 * rank)
+    device = ray.train.torch.get_device()
+    c, side, _ = config["latent_shape"]
+    unet = build_unet(cfg.unet, side, c, d.num_train_timesteps)
+    if config.get("init_weights") is not None:
+        unet.load_state_dict(config["init_weights"])
+    ema = EMA(unet, d.ema_decay)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    state = _load_checkpoint({"unet": unet, "unet_ema": ema.model}, optimizer)
+    step, history = state.get("step", 0), state.get("history", [])
+    resumed_from = step if state else None
+    unet.to(device)
+    ema.model.to(device)
+    model = ray.train.torch.prepare_model(unet)
+    schedule = NoiseSchedule.from_config(d)
+    scale = float(config["scale_factor"])
+    use_bf16 = d.bf16
+    train = ray.train.get_dataset_shard("train")
+    window, micro, started = [], 0, time.perf_counter()
+    while step < max_steps:
+        for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device,
+                                              local_shuffle_buffer_size=4 * cfg.data.batch_size):
+            z0 = batch["latent"] * scale
+            noise = torch.randn_like(z0)
+            t = torch.randint(0, d.num_train_timesteps, (len(z0),), device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                pred = model(schedule.q_sample(z0, t, noise), t).sample
+            loss = (F.l1_loss if d.loss == "l1" else F.mse_loss)(pred.float(), noise)
+            (loss / d.grad_accum_steps).backward()
+            window.append((loss.item(), len(z0)))
+            micro += 1
+            if micro % d.grad_accum_steps:
+                continue
+            current_lr = _set_lr(optimizer, lr, step, warmup)
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(unet, step)
+            step += 1
+            last = step >= max_steps
+            if step % d.log_every == 0 or step % d.checkpoint_every == 0 or last:
+                elapsed = time.perf_counter() - started
+                row = {"step": step, "loss": sum(w[0] for w in window) / len(window), "lr": current_lr,
+                       "samples_per_s": sum(w[1] for w in window) / max(elapsed, 1e-9)}
+                if resumed_from is not None:
+                    row["resumed_from_step"] = resumed_from
+                window, started = [], time.perf_counter()
+                if rank == 0:
+                    history.append(row)
+                    _progress("finetune" if config.get("finetune") else "pretrain", row, max_steps)
+                checkpoint = None
+                if rank == 0 and (step % d.checkpoint_every == 0 or last):
+                    checkpoint = _save_checkpoint({"unet": unet, "unet_ema": ema.model}, optimizer,
+                                                  {"step": step, "history": history, "resumed_from_step": resumed_from})
+                ray.train.report(row, checkpoint=checkpoint)
+            if last:
+                break

@@ -1,0 +1,165 @@
+"""Ray Train runs for the autoencoder and the latent diffusion model, and what they leave behind.
+
+A run is a folder RUN (local or ``s3://…``). While training it holds Ray Train's checkpoints; once
+done it also holds::
+
+    RUN/model/vae/          (autoencoder runs)  AutoencoderKL.from_pretrained(RUN/model/vae)
+    RUN/model/unet/         (diffusion runs)    UNet2DModel.from_pretrained(RUN/model/unet), EMA weights
+    RUN/model/scheduler/                        DDPMScheduler.from_pretrained(RUN/model/scheduler)
+    RUN/model/vae/                              the autoencoder the latents came from
+    RUN/run.json                                what it was trained on: data, scale factor, config
+    RUN/metrics.csv, RUN/tensorboard/           the training curves (and RUN/curves.png to look at)
+
+Launching again with the same RUN resumes from its latest checkpoint (Ray Train V2: the same
+``RunConfig(storage_path, name)``); ``FailureConfig`` restarts failed workers from it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from histodiff_ray.config import Config
+from histodiff_ray.data.latents import load_latent_manifest, read_latents
+from histodiff_ray.data.tiles import read_tiles
+from histodiff_ray.errors import HistodiffError
+from histodiff_ray.plots import curves_png
+from histodiff_ray.raycluster import init_ray
+from histodiff_ray.storage import Location, download_dir, open_location, read_bytes, upload_dir, write_atomic
+from histodiff_ray.train.loops import autoencoder_loop, diffusion_loop
+
+
+def fit(cfg: Config, loop, loop_config: dict, datasets: dict, run: Location):
+    """Run ``loop`` on ``cfg.ray.num_workers`` Ray Train workers; the run is named by ``run``."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    parent, name = run.path.rstrip("/").rsplit("/", 1)
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"cfg": cfg.to_dict(), **loop_config},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=parent,
+            storage_filesystem=run.filesystem,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()
+
+
+def _export(result, run: Location, models: dict[str, str], info: dict, extra_dirs: dict[str, str] | None = None) -> None:
+    """Publish the final checkpoint's models as diffusers folders, plus curves and run.json."""
+    if result.checkpoint is None:
+        raise HistodiffError(f"the run at {run} finished without a checkpoint; check its logs")
+    with result.checkpoint.as_directory() as folder:
+        for src, dst in models.items():
+            upload_dir(os.path.join(folder, src), run.join("model", dst))
+        for name in ("metrics.csv",):
+            with open(os.path.join(folder, name), "rb") as f:
+                write_atomic(run.join(name), f.read())
+        upload_dir(os.path.join(folder, "tensorboard"), run.join("tensorboard"))
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+    for dst, local in (extra_dirs or {}).items():
+        upload_dir(local, run.join("model", dst))
+    if state["history"]:
+        title = f"{info['kind']} run {run.uri.rstrip('/').rsplit('/', 1)[-1]}"
+        write_atomic(run.join("curves.png"), curves_png(state["history"], title))
+    info = {**info, "step": state["step"], "final_metrics": state["history"][-1] if state["history"] else {}}
+    write_atomic(run.join("run.json"), json.dumps(info, indent=1, sort_keys=True).encode())
+
+
+def read_run_info(run: Location) -> dict:
+    try:
+        return json.loads(read_bytes(run.join("run.json")))
+    except FileNotFoundError:
+        raise HistodiffError(f"no finished run at {run}: run.json is missing (train it first, or wait for it to finish)") from None
+
+
+def train_autoencoder(cfg: Config, tiles: list[str], run: str) -> dict:
+    """Train the KL autoencoder on the train split of one or more tile sets (labels unused)."""
+    init_ray(cfg)
+    run_loc = open_location(run, cfg.storage)
+    locs = [open_location(t, cfg.storage) for t in tiles]
+    train = _union([read_tiles(loc, "train", augment=cfg.data.augment) for loc in locs])
+    val = _union([read_tiles(loc, "val") for loc in locs])
+    result = fit(cfg, autoencoder_loop, {}, {"train": train, "val": val}, run_loc)
+    _export(result, run_loc, {"vae": "vae"}, {"kind": "autoencoder", "tiles": [l.uri for l in locs], "config": cfg.to_dict()})
+    return read_run_info(run_loc)
+
+
+def _union(datasets: list):
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def mix_by_weight(parts: list[tuple[object, int, float]]):
+    """One epoch that draws from each (dataset, rows, weight) part in proportion to its weight:
+    a part is repeated (whole copies plus a random sample) to weight × total rows."""
+    total_rows = sum(rows for _, rows, _ in parts)
+    total_weight = sum(w for _, _, w in parts)
+    pieces = []
+    for ds, rows, weight in parts:
+        share = weight / total_weight * total_rows / rows
+        whole, fraction = int(share), share - int(share)
+        pieces += [ds] * whole
+        if fraction > 1e-3:
+            pieces.append(ds.random_sample(fraction))
+    return _union(pieces)
+
+
+def pretrain(cfg: Config, latents: list[tuple[str, float]], run: str, *, finetune_from: str | None = None) -> dict:
+    """DDPM training of the latent UNet on one or more latent sets mixed by weight; with
+    ``finetune_from`` (a finished diffusion run) it continues from that run's EMA weights with
+    the fine-tuning LR and step budget."""
+    from diffusers import DDPMScheduler
+
+    init_ray(cfg)
+    run_loc = open_location(run, cfg.storage)
+    locs = [open_location(uri, cfg.storage) for uri, _ in latents]
+    manifests = [load_latent_manifest(loc) for loc in locs]
+    autoencoders = {m["autoencoder"] for m in manifests}
+    if len(autoencoders) != 1:
+        raise HistodiffError(f"latent sets were encoded by different autoencoders {sorted(autoencoders)}; encode them with one")
+    vae_dir = autoencoders.pop()
+    init_weights, scale_factor, parent = None, manifests[0]["scale_factor"], None
+    if finetune_from is not None:
+        parent_loc = open_location(finetune_from, cfg.storage)
+        parent = read_run_info(parent_loc)
+        if parent.get("autoencoder") != vae_dir:
+            raise HistodiffError(f"{finetune_from} was trained on latents of {parent.get('autoencoder')}, not {vae_dir}")
+        scale_factor = parent["scale_factor"]  # keep the pre-trained model's input scale
+        init_weights = _load_unet_weights(parent_loc)
+    # Latents are small (a few KB per tile): materialising them once spares every epoch a re-read.
+    parts = [(read_latents(loc, "train").materialize(), sum(m["counts"]["train"].values()), w)
+             for loc, m, (_, w) in zip(locs, manifests, latents)]
+    loop_config = {"latent_shape": manifests[0]["latent_shape"], "scale_factor": scale_factor,
+                   "init_weights": init_weights, "finetune": finetune_from is not None}
+    result = fit(cfg, diffusion_loop, loop_config, {"train": mix_by_weight(parts)}, run_loc)
+    d = cfg.diffusion
+    with tempfile.TemporaryDirectory() as tmp:
+        DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
+                      beta_schedule=d.beta_schedule, clip_sample=False).save_pretrained(tmp)
+        vae_local = download_dir(open_location(vae_dir, cfg.storage), tempfile.mkdtemp(prefix="vae-"))
+        _export(result, run_loc, {"unet_ema": "unet"}, {
+            "kind": "ldm", "autoencoder": vae_dir, "scale_factor": scale_factor, "latent_shape": manifests[0]["latent_shape"],
+            "latents": [{"uri": loc.uri, "weight": w} for loc, (_, w) in zip(locs, latents)],
+            "finetuned_from": finetune_from, "config": cfg.to_dict(),
+        }, extra_dirs={"scheduler": tmp, "vae": vae_local})
+    return read_run_info(run_loc)
+
+
+def _load_unet_weights(run: Location) -> dict:
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_dir(run.join("model", "unet"), tmp)
+        return load_file(os.path.join(local, "diffusion_pytorch_model.safetensors"))

@@ -1,0 +1,162 @@
+"""Ray Train runs on the S3 server: autoencoder → latents → pre-training, a worker killed mid-run,
+resume by re-running, and every checkpoint on storage complete and loadable."""
+
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+
+import subprocess
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from histodiff_ray.config import load_config
+from histodiff_ray.data.ingest import ingest
+from histodiff_ray.data.latents import encode_latents
+from histodiff_ray.storage import download_dir, list_files, open_location, read_bytes
+from histodiff_ray.train.trainer import pretrain, read_run_info, train_autoencoder
+from tests.data.test_ingest import make_labeled_input
+
+TINY = ["data.batch_size=8", "ray.num_workers=2", "autoencoder.max_steps=2", "autoencoder.checkpoint_every=2",
+        "autoencoder.log_every=1", "diffusion.checkpoint_every=2", "diffusion.log_every=1", "diffusion.warmup_steps=2",
+        "unet.base_channels=32", "unet.channel_mult=1,2", "unet.attention_resolutions=2"]
+
+
+@pytest.fixture(scope="module")
+def latents(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
+    bucket = "train-runs"
+    s3.create_bucket(bucket)
+    cfg = load_config("cpu", s3_overrides + TINY)
+    src = make_labeled_input(tmp_path_factory.mktemp("train") / "input", shared_data, classes=("AC", "H"), per_class=24)
+    ingest(cfg, [str(src)], f"s3://{bucket}/tiles", labeled=True, progress=False)
+    info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], f"s3://{bucket}/runs/ae")
+    assert info["step"] == 2 and info["final_metrics"]["val_tiles"] > 0
+    assert 0 < info["final_metrics"]["val_ssim"] < 1 and info["final_metrics"]["val_psnr"] > 5
+    manifest = encode_latents(cfg, f"s3://{bucket}/tiles", f"s3://{bucket}/runs/ae/model/vae", f"s3://{bucket}/latents")
+    assert manifest["rows"] == 48 and manifest["latent_shape"] == [4, 16, 16] and manifest["scale_factor"] > 0
+    return cfg, bucket
+
+
+def _worker_pids():
+    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
+    return sorted(int(pid) for pid in out.split())
+
+
+def _registered_checkpoint_step(run):
+    """The step of the latest checkpoint Ray Train has registered (written to storage AND reported
+    by every worker); files of a checkpoint still being reported do not count."""
+    try:
+        snapshot = json.loads(read_bytes(run.join("checkpoint_manager_snapshot.json")))
+    except FileNotFoundError:
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return latest["metrics"]["step"] if latest else None
+
+
+def _assert_checkpoints_complete(run):
+    names = list_files(run)
+    dirs = sorted({n.split("/")[0] for n in names if n.startswith("checkpoint_") and "/" in n})
+    assert dirs
+    for d in dirs:
+        state = json.loads(read_bytes(run.join(d, "state.json")))
+        for model in ("unet", "unet_ema"):
+            json.loads(read_bytes(run.join(d, model, "config.json")))
+            weights = load_safetensors(read_bytes(run.join(d, model, "diffusion_pytorch_model.safetensors")))
+            assert weights and all(torch.isfinite(w).all() for w in weights.values())
+        optimizer = torch.load(io.BytesIO(read_bytes(run.join(d, "optimizer.pt"))), weights_only=True)
+        assert optimizer["state"] and state["step"] >= 1
+
+
+def test_killed_worker_restarts_from_the_latest_checkpoint_then_reruns_resume_and_finetune(latents):
+    cfg, bucket = latents
+    run_uri = f"s3://{bucket}/runs/drill"
+    run = open_location(run_uri, cfg.storage)
+    cfg.diffusion.max_steps = 10
+    cfg.ray.max_failures = 1
+    killed = {}
+
+    def kill_one_worker_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            step = _registered_checkpoint_step(run)
+            pids = _worker_pids()
+            if step and pids:
+                killed["pid"], killed["after_step"] = pids[-1], step
+                os.kill(pids[-1], 9)
+                return
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    info = pretrain(cfg, [(f"s3://{bucket}/latents", 1.0)], run_uri)
+    killer.join(timeout=5)
+    assert "pid" in killed, "no worker was killed: the drill did not happen"
+    final = info["final_metrics"]
+    assert info["step"] == 10
+    # The restarted workers loaded a checkpoint taken at or after the kill's last visible one.
+    assert final["resumed_from_step"] >= killed["after_step"] >= 2
+    assert [r["step"] for r in csv_rows(run)] == list(range(1, 11))  # one continuous curve, no repeated steps
+    _assert_checkpoints_complete(run)
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_dir(run.join("model"), tmp)
+        unet = UNet2DModel.from_pretrained(f"{local}/unet")
+        vae = AutoencoderKL.from_pretrained(f"{local}/vae")
+        scheduler = DDPMScheduler.from_pretrained(f"{local}/scheduler")
+        assert unet.config.sample_size == 16 and vae.config.latent_channels == 4 and scheduler.config.beta_end == 0.0155
+
+    # Launching again under the same run continues from its latest checkpoint.
+    cfg.diffusion.max_steps = 12
+    again = pretrain(cfg, [(f"s3://{bucket}/latents", 1.0)], run_uri)
+    assert again["step"] == 12 and again["final_metrics"]["resumed_from_step"] == 10
+    assert [r["step"] for r in csv_rows(run)] == list(range(1, 13))
+
+    # Fine-tuning starts from that run's EMA weights, with its own LR and step budget.
+    cfg.diffusion.finetune_steps, cfg.diffusion.finetune_warmup_steps = 2, 0
+    ft_uri = f"s3://{bucket}/runs/ft"
+    ft = pretrain(cfg, [(f"s3://{bucket}/latents", 1.0)], ft_uri, finetune_from=run_uri)
+    assert ft["step"] == 2 and ft["finetuned_from"] == run_uri and ft["scale_factor"] == again["scale_factor"]
+    assert ft["final_metrics"]["lr"] == cfg.diffusion.finetune_lr
+    assert read_run_info(open_location(ft_uri, cfg.storage))["kind"] == "ldm"
+
+
+def csv_rows(run):
+    import csv
+
+    text = read_bytes(run.join("metrics.csv")).decode()
+    return [{k: float(v) if v else None for k, v in row.items()} | {"step": int(row["step"])} for row in csv.DictReader(io.StringIO(text))]
+
+
+def test_sample_writes_a_png_grid_of_decoded_tiles(latents):
+    from PIL import Image
+
+    from histodiff_ray.cli import main
+
+    cfg, bucket = latents
+    run_uri = f"s3://{bucket}/runs/ft"
+    if not any(n == "run.json" for n in list_files(open_location(run_uri, cfg.storage))):
+        pytest.skip("needs the fine-tuned run of the drill test")
+    overrides = [f"storage.{k}={getattr(cfg.storage, k)}" for k in ("endpoint_url", "access_key_id", "secret_access_key")]
+    out = f"s3://{bucket}/samples/grid.png"
+    assert main(["sample", "--run", run_uri, "--n", "4", "--steps", "3", "--output", out, *overrides]) == 0
+    grid = Image.open(io.BytesIO(read_bytes(open_location(out, cfg.storage))))
+    assert grid.size == (2 + 2 * (64 + 2), 2 + 2 * (64 + 2)) and grid.mode == "RGB"
+
+
+def test_mix_by_weight_draws_sources_in_proportion(ray_local):
+    import ray.data
+
+    from histodiff_ray.train.trainer import mix_by_weight
+
+    small = ray.data.from_items([{"src": "small"}] * 100)
+    large = ray.data.from_items([{"src": "large"}] * 1000)
+    rows = mix_by_weight([(small, 100, 1.0), (large, 1000, 1.0)]).take_all()
+    n_small = sum(r["src"] == "small" for r in rows)
+    n_large = len(rows) - n_small
+    # Equal weights: each source fills about half of an epoch of 1,100 rows.
+    assert 500 <= n_small <= 600 and 480 <= n_large <= 620
