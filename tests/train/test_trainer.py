@@ -79,7 +79,7 @@ def test_killed_worker_restarts_from_the_latest_checkpoint_then_reruns_resume_an
     killed = {}
 
     def kill_one_worker_after_first_checkpoint():
-        deadline = time.time() + 240
+        deadline = time.time() + 600
         while time.time() < deadline:
             step = _registered_checkpoint_step(run)
             pids = _worker_pids()
