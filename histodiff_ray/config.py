@@ -38,7 +38,7 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class RayConfig:
-    address: str | None = None  # None starts (or joins, inside `ray job submit`) a local cluster
+    address: str | None = None  # None: RAY_ADDRESS if set (`ray job submit` sets it), else a new local cluster; "auto" joins `ray start`
     num_workers: int = 1  # Ray Train workers
     cpus_per_worker: float = 0.5  # fractional: whole-CPU workers starve Ray Data on small hosts
     use_gpu: bool = False
