@@ -63,9 +63,8 @@ def _export(result, run: Location, models: dict[str, str], info: dict, extra_dir
     with result.checkpoint.as_directory() as folder:
         for src, dst in models.items():
             upload_dir(os.path.join(folder, src), run.join("model", dst))
-        for name in ("metrics.csv",):
-            with open(os.path.join(folder, name), "rb") as f:
-                write_atomic(run.join(name), f.read())
+        with open(os.path.join(folder, "metrics.csv"), "rb") as f:
+            write_atomic(run.join("metrics.csv"), f.read())
         upload_dir(os.path.join(folder, "tensorboard"), run.join("tensorboard"))
         with open(os.path.join(folder, "state.json")) as f:
             state = json.load(f)
