@@ -64,7 +64,10 @@ def _load_checkpoint(models: dict, optimizer) -> dict:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return {}
-    with checkpoint.as_directory() as folder:
+    # Each worker downloads its own copy: `as_directory` shares one local folder between the
+    # workers of a node, and one of them may clean it up while another is still reading.
+    with tempfile.TemporaryDirectory(prefix="resume-") as tmp:
+        folder = checkpoint.to_directory(tmp)
         for name, model in models.items():
             model.load_state_dict(load_file(os.path.join(folder, name, "diffusion_pytorch_model.safetensors")))
         optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True, map_location="cpu"))
