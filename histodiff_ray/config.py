@@ -208,21 +208,42 @@ class DiffusionConfig:
 class ClassifierConfig:
     """Noise-aware latent classifier: UNet encoder half + timestep embedding + attention pooling."""
 
-    width: int = 64
-    depth: int = 1
-    attention_resolutions: list[int] = field(default_factory=lambda: [4])
+    width: int = 64  # base channel count
+    depth: int = 1  # ResBlocks per level
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # one level per entry
+    attention_resolutions: list[int] = field(default_factory=lambda: [4])  # downsample rates with attention
+    num_heads: int = 4  # heads at the base width; wider levels get more (fixed head size, as in unet)
     pool: str = "attention"
     lr: float = 3e-4
     weight_decay: float = 0.05
+    warmup_steps: int = 100
     max_steps: int = 2_000
+    checkpoint_every: int = 500
+    log_every: int = 50
 
     def validate(self, p: str) -> None:
         _check(self.width >= 8, f"{p}.width", self.width, "an integer >= 8")
         _check(self.depth >= 1, f"{p}.depth", self.depth, "an integer >= 1")
+        _check(
+            len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult),
+            f"{p}.channel_mult", self.channel_mult, "a non-empty list of integers >= 1",
+        )
+        rates = [2**i for i in range(len(self.channel_mult))]
+        _check(
+            all(r in rates for r in self.attention_resolutions),
+            f"{p}.attention_resolutions", self.attention_resolutions, f"downsample rates among {rates}",
+        )
+        _check(
+            self.num_heads >= 1 and self.width % self.num_heads == 0,
+            f"{p}.num_heads", self.num_heads, f"an integer >= 1 that divides width ({self.width})",
+        )
         _check(self.pool in ("attention", "mean"), f"{p}.pool", self.pool, "'attention' or 'mean'")
         _check(self.lr > 0, f"{p}.lr", self.lr, "a number > 0")
         _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a number >= 0")
-        _check(self.max_steps >= 1, f"{p}.max_steps", self.max_steps, "an integer >= 1")
+        _check(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        for name in ("max_steps", "checkpoint_every", "log_every"):
+            v = getattr(self, name)
+            _check(v >= 1, f"{p}.{name}", v, "an integer >= 1")
 
 
 @dataclass
@@ -250,6 +271,44 @@ class SelectionConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """`histodiff generate`: how many tiles, in which units of work, on how many actors."""
+
+    per_class: int = 500  # tiles generated per class (kept + dropped)
+    shard_size: int = 32  # tiles per shard: one sampling batch, and the unit a rerun resumes at
+    actors: int = 2  # sampling actors in the pool (each loads the models once)
+    threads_per_actor: int = 1  # torch threads per actor on CPU: actors, not threads, scale across cores
+
+    def validate(self, p: str) -> None:
+        for name in ("per_class", "shard_size", "actors", "threads_per_actor"):
+            v = getattr(self, name)
+            _check(v >= 1, f"{p}.{name}", v, "an integer >= 1")
+
+
+@dataclass
+class DownstreamConfig:
+    """Pixel-space tile classifiers (timm, built from config): the selection judge and the
+    evaluation's downstream classifier. The epoch is chosen on val macro-F1 (early stopping)."""
+
+    arch: str = "resnet18"
+    epochs: int = 30
+    patience: int = 5  # stop after this many epochs without a better val macro-F1
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+
+    def validate(self, p: str) -> None:
+        import timm
+
+        _check(self.arch in timm.list_models(), f"{p}.arch", self.arch, "a timm model name, e.g. resnet18 or vit_tiny_patch16_224")
+        for name in ("epochs", "patience", "batch_size"):
+            v = getattr(self, name)
+            _check(v >= 1, f"{p}.{name}", v, "an integer >= 1")
+        _check(self.lr > 0, f"{p}.lr", self.lr, "a number > 0")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a number >= 0")
+
+
+@dataclass
 class Config:
     profile: str = "cpu"
     seed: int = 0
@@ -262,6 +321,8 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -277,6 +338,11 @@ class Config:
         _check(
             latent % (2 ** (len(self.unet.channel_mult) - 1)) == 0,
             "unet.channel_mult", self.unet.channel_mult,
+            f"at most log2 of the latent size ({latent}) downsamplings",
+        )
+        _check(
+            latent % (2 ** (len(self.classifier.channel_mult) - 1)) == 0,
+            "classifier.channel_mult", self.classifier.channel_mult,
             f"at most log2 of the latent size ({latent}) downsamplings",
         )
         return self

@@ -64,3 +64,78 @@ def bucket(s3) -> str:
     name = f"test-{os.getpid()}-{next(_bucket_counter)}"
     s3.create_bucket(name)
     return name
+
+
+# Tiny model settings for integration tests: two Train workers, a few steps, a small UNet.
+TINY = ["data.batch_size=8", "ray.num_workers=2", "autoencoder.max_steps=2", "autoencoder.checkpoint_every=2",
+        "autoencoder.log_every=1", "diffusion.checkpoint_every=2", "diffusion.log_every=1", "diffusion.warmup_steps=2",
+        "unet.base_channels=32", "unet.channel_mult=1,2", "unet.attention_resolutions=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_latents(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
+    """Real crc5 tiles (2 classes × 24) ingested to the S3 server, a 2-step autoencoder and their
+    latents, shared by the training and generation tests. Returns (config overrides, bucket)."""
+    from histodiff_ray.config import load_config
+    from histodiff_ray.data.ingest import ingest
+    from histodiff_ray.data.latents import encode_latents
+    from histodiff_ray.train.trainer import train_autoencoder
+    from tests.data.test_ingest import make_labeled_input
+
+    bucket = "train-runs"
+    s3.create_bucket(bucket)
+    overrides = s3_overrides + TINY
+    cfg = load_config("cpu", overrides)
+    src = make_labeled_input(tmp_path_factory.mktemp("train") / "input", shared_data, classes=("AC", "H"), per_class=24)
+    ingest(cfg, [str(src)], f"s3://{bucket}/tiles", labeled=True, progress=False)
+    info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], f"s3://{bucket}/runs/ae")
+    assert info["step"] == 2 and info["final_metrics"]["val_tiles"] > 0
+    assert 0 < info["final_metrics"]["val_ssim"] < 1 and info["final_metrics"]["val_psnr"] > 5
+    manifest = encode_latents(cfg, f"s3://{bucket}/tiles", f"s3://{bucket}/runs/ae/model/vae", f"s3://{bucket}/latents")
+    assert manifest["rows"] == 48 and manifest["latent_shape"] == [4, 16, 16] and manifest["scale_factor"] > 0
+    return overrides, bucket
+
+
+def _free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory, s3):
+    """`ray start --head` on unique ports, as on a real cluster; the cluster's environment carries
+    the S3 settings, as an instance role or cluster secret would. Yields (dashboard URL, GCS
+    address, environment for clients)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bin_dir = Path(sys.executable).parent
+    temp_dir = tmp_path_factory.mktemp("rayhead")
+    gcs, dashboard, client, agent_listen, agent_grpc, metrics, node_manager, object_manager, env_agent = _free_ports(9)
+    worker_lo = 30000 + (os.getpid() % 1000) * 20
+    env = {**os.environ, **s3.env(), "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    cmd = [str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_listen}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+           f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+           f"--runtime-env-agent-port={env_agent}", f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 19}",
+           "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--dashboard-host=127.0.0.1"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", env
+    # `ray stop` would stop every cluster on the machine; end only this one's processes.
+    out = subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split()
+    for pid in out:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(1)

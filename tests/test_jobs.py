@@ -1,8 +1,6 @@
 """The thin `jobs/` entrypoints, submitted with `ray job submit` to a real local head node."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,44 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory, s3):
-    """`ray start --head` on unique ports; the cluster's environment carries the S3 settings, as an
-    instance role or cluster secret would on a real cluster."""
-    temp_dir = tmp_path_factory.mktemp("rayhead")
-    gcs, dashboard, client, agent_listen, agent_grpc, metrics, node_manager, object_manager, env_agent = _free_ports(9)
-    worker_lo = 30000 + (os.getpid() % 1000) * 20
-    env = {**os.environ, **s3.env(), "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_listen}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-           f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-           f"--runtime-env-agent-port={env_agent}", f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 19}",
-           "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--dashboard-host=127.0.0.1"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-    yield f"http://127.0.0.1:{dashboard}", env
-    # `ray stop` would stop every cluster on the machine; end only this one's processes.
-    out = subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split()
-    for pid in out:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    time.sleep(1)
-
-
 def test_ingest_job_runs_under_ray_job_submit(ray_head, s3, bucket, shared_data):
-    address, env = ray_head
+    address, _, env = ray_head
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            "python", "jobs/ingest.py", "--config", "configs/cpu.yaml", "--input", str(shared_data / "nct9" / "fewshot"),
            "--labeled", "--output", f"s3://{bucket}/job-tiles"]

@@ -147,3 +147,29 @@ def read_tiles(
         batch_size=batch_size,
         batch_format="numpy",
     )
+
+
+def load_tile_table(root: Location, split: str, *, labeled_only: bool = False, columns: list[str] | None = None) -> pa.Table:
+    """The rows of one split, read straight from the shards (no Ray): for the small labeled sets
+    that the judge and the downstream classifiers train on, and for signatures."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    manifest = require_manifest(root)
+    if split not in SPLITS:
+        raise TileSetError(f"split {split!r} is not one of {SPLITS}")
+    cols = columns or ["tile_id", "image", "label"]
+    tables = []
+    for path in shard_paths(root, manifest):
+        table = pq.read_table(path, filesystem=root.filesystem, columns=sorted(set(cols) | {"split", "labeled"}))
+        mask = pc.equal(table.column("split"), split)
+        if labeled_only:
+            mask = pc.and_(mask, table.column("labeled"))
+        tables.append(table.filter(mask).select(cols))
+    return pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table().select(cols)
+
+
+def decode_images(images: pa.ChunkedArray | list[bytes]) -> np.ndarray:
+    """PNG bytes → uint8 N×H×W×3."""
+    values = images.to_pylist() if hasattr(images, "to_pylist") else images
+    return np.stack([decode_png(b) for b in values]) if values else np.zeros((0, 0, 0, 3), np.uint8)

@@ -32,7 +32,7 @@ def ddim_sample(
     *,
     steps: int = 50,
     eta: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str = "cpu",
     cond_fn: ModelFn | None = None,
     guidance_scale: float = 0.0,
@@ -40,8 +40,10 @@ def ddim_sample(
     progress: Callable | None = None,
 ) -> torch.Tensor:
     """Sample ``shape`` latents. ``noise`` (optional) is the starting z_T; per-step noise is drawn
-    from ``generator`` on the CPU so results do not depend on the device."""
-    z = noise.to(device) if noise is not None else torch.randn(shape, generator=generator).to(device)
+    from ``generator`` on the CPU so results do not depend on the device. ``generator`` may be a
+    list, one per sample: each sample's noise then depends only on its own seed, not on the batch
+    it was drawn in."""
+    z = noise.to(device) if noise is not None else _randn(shape, generator).to(device)
     ac = schedule.alphas_cumprod
     timesteps = ddim_timesteps(schedule.num_timesteps, steps)
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
@@ -58,5 +60,13 @@ def ddim_sample(
         sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
         z = a_prev**0.5 * z0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
-            z = z + sigma * torch.randn(shape, generator=generator).to(device)
+            z = z + sigma * _randn(shape, generator).to(device)
     return z
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in generator])
+    return torch.randn(shape, generator=generator)

@@ -256,3 +256,89 @@ def diffusion_loop(config: dict) -> None:
                 ray.train.report(row, checkpoint=checkpoint)
             if last:
                 break
+
+
+T_BUCKETS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # as fractions of 1000 train timesteps
+
+
+def classifier_loop(config: dict) -> None:
+    """The noise-aware latent classifier: cross-entropy on z_t = q_sample(z_0, t) at uniform random
+    t, so its gradient is meaningful along the whole sampling trajectory (guided-diffusion's recipe;
+    HistoDiffAug's official code trains at t=0 only)."""
+    import ray.train
+    import ray.train.torch
+
+    from histodiff_ray.models.classifier import build_classifier
+
+    cfg = config_from_dict(config["cfg"])
+    c, d = cfg.classifier, cfg.diffusion
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg.seed + 2000 + rank)
+    device = ray.train.torch.get_device()
+    channels, side, _ = config["latent_shape"]
+    classifier = build_classifier(c, channels, side, config["num_classes"])
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    state = _load_checkpoint({"classifier": classifier}, optimizer)
+    step, history = state.get("step", 0), state.get("history", [])
+    classifier.to(device)
+    model = ray.train.torch.prepare_model(classifier)
+    schedule = NoiseSchedule.from_config(d)
+    scale = float(config["scale_factor"])
+    train = ray.train.get_dataset_shard("train")
+    val = ray.train.get_dataset_shard("val")
+    window, started = [], time.perf_counter()
+    while step < c.max_steps:
+        for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device,
+                                              local_shuffle_buffer_size=4 * cfg.data.batch_size):
+            z0, y = batch["latent"] * scale, batch["label"]
+            t = torch.randint(0, d.num_train_timesteps, (len(z0),), device=device)
+            logits = model(schedule.q_sample(z0, t, torch.randn_like(z0)), t)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _set_lr(optimizer, c.lr, step, c.warmup_steps)
+            optimizer.step()
+            step += 1
+            window.append((loss.item(), (logits.argmax(1) == y).float().mean().item()))
+            last = step >= c.max_steps
+            if step % c.log_every == 0 or step % c.checkpoint_every == 0 or last:
+                row = {"step": step, "loss": sum(w[0] for w in window) / len(window),
+                       "train_acc": sum(w[1] for w in window) / len(window),
+                       "steps_per_s": len(window) / max(time.perf_counter() - started, 1e-9)}
+                window, started = [], time.perf_counter()
+                checkpoint = None
+                if step % c.checkpoint_every == 0 or last:
+                    if rank == 0:
+                        row.update(evaluate_classifier(classifier, val, schedule, scale, device, cfg.data.batch_size, cfg.seed))
+                        history.append(row)
+                        checkpoint = _save_checkpoint({"classifier": classifier}, optimizer, {"step": step, "history": history})
+                elif rank == 0:
+                    history.append(row)
+                if rank == 0:
+                    _progress("classifier", row, c.max_steps)
+                ray.train.report(row, checkpoint=checkpoint)
+            if last:
+                break
+
+
+@torch.no_grad()
+def evaluate_classifier(classifier, val, schedule: NoiseSchedule, scale: float, device, batch_size: int, seed: int) -> dict:
+    """Val accuracy per t bucket (t drawn uniformly inside each bucket, with a fixed seed so
+    checkpoints are compared on the same noise)."""
+    classifier.eval()
+    T = schedule.num_timesteps
+    buckets = [(lo * T // 1000, hi * T // 1000) for lo, hi in T_BUCKETS]
+    correct, n = [0.0] * len(buckets), 0
+    g = torch.Generator().manual_seed(seed)
+    for batch in val.iter_torch_batches(batch_size=batch_size, device=device):
+        z0, y = batch["latent"] * scale, batch["label"]
+        for i, (lo, hi) in enumerate(buckets):
+            t = torch.randint(lo, hi, (len(z0),), generator=g).to(device)
+            noise = torch.randn(z0.shape, generator=g).to(device)
+            correct[i] += (classifier(schedule.q_sample(z0, t, noise), t).argmax(1) == y).sum().item()
+        n += len(z0)
+    classifier.train()
+    row = {f"val_acc_t{lo}_{hi}": correct[i] / max(n, 1) for i, (lo, hi) in enumerate(buckets)}
+    row["val_acc"] = sum(correct) / max(n * len(buckets), 1)
+    row["val_tiles"] = n
+    return row

@@ -53,7 +53,43 @@ def fit(cfg: Config, loop, loop_config: dict, datasets: dict, run: Location):
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()
+    remove_unregistered_checkpoints(run)
+    result = trainer.fit()
+    remove_unregistered_checkpoints(run)
+    return result
+
+
+def remove_unregistered_checkpoints(run: Location) -> list[str]:
+    """Delete ``checkpoint_*`` folders that Ray Train never registered.
+
+    Ray Train uploads a checkpoint folder and only then records it in
+    ``checkpoint_manager_snapshot.json``; a worker or driver killed mid-upload leaves a partial
+    folder that no resume will load. Checkpoints pruned by ``num_to_keep`` can also survive on S3
+    (the prune's folder delete finds no folder marker there). Removing both before and after each
+    run keeps only complete, registered checkpoints on storage. Returns the names removed.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        snapshot = json.loads(read_bytes(run.join("checkpoint_manager_snapshot.json")))
+        registered = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+    except FileNotFoundError:
+        registered = set()
+    infos = run.filesystem.get_file_info(pafs.FileSelector(run.path, allow_not_found=True))
+    removed = []
+    for info in infos:
+        name = info.base_name
+        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and name not in registered:
+            # S3 folders are key prefixes: delete the keys, then the (possibly absent) marker.
+            run.filesystem.delete_dir_contents(info.path, missing_dir_ok=True)
+            try:
+                run.filesystem.delete_dir(info.path)
+            except FileNotFoundError:
+                pass
+            removed.append(name)
+    if removed:
+        print(f"[train] removed {len(removed)} checkpoint folder(s) Ray Train has not registered: {', '.join(sorted(removed))}")
+    return removed
 
 
 def _export(result, run: Location, models: dict[str, str], info: dict, extra_dirs: dict[str, str] | None = None) -> None:
@@ -162,3 +198,32 @@ def _load_unet_weights(run: Location) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         local = download_dir(run.join("model", "unet"), tmp)
         return load_file(os.path.join(local, "diffusion_pytorch_model.safetensors"))
+
+
+def train_classifier(cfg: Config, latents: str, ldm_run: str, run: str) -> dict:
+    """Train the noise-aware latent classifier that guides sampling from ``ldm_run``: on the
+    labeled train latents, at the diffusion model's latent scale and noise schedule."""
+    from histodiff_ray.train.loops import classifier_loop
+
+    init_ray(cfg)
+    run_loc, latents_loc = open_location(run, cfg.storage), open_location(latents, cfg.storage)
+    manifest = load_latent_manifest(latents_loc)
+    ldm = read_run_info(open_location(ldm_run, cfg.storage))
+    if ldm.get("autoencoder") != manifest["autoencoder"]:
+        raise HistodiffError(f"{latents} was encoded by {manifest['autoencoder']}, but {ldm_run} "
+                             f"generates latents of {ldm.get('autoencoder')}; encode the labeled tiles with that autoencoder")
+    labeled = sum(manifest["labeled_train"].values())
+    if labeled < cfg.data.batch_size * cfg.ray.num_workers:
+        raise HistodiffError(f"{latents} has {labeled} labeled train tiles, fewer than one batch per worker "
+                             f"(data.batch_size={cfg.data.batch_size} × ray.num_workers={cfg.ray.num_workers}); lower data.batch_size")
+    classes = manifest["classes"]
+    loop_config = {"latent_shape": manifest["latent_shape"], "scale_factor": ldm["scale_factor"], "num_classes": len(classes)}
+    datasets = {"train": read_latents(latents_loc, "train", labeled_only=True).materialize(),
+                "val": read_latents(latents_loc, "val").materialize()}
+    result = fit(cfg, classifier_loop, loop_config, datasets, run_loc)
+    _export(result, run_loc, {"classifier": "classifier"}, {
+        "kind": "classifier", "latents": latents_loc.uri, "ldm": ldm_run, "autoencoder": manifest["autoencoder"],
+        "classes": classes, "scale_factor": ldm["scale_factor"], "latent_shape": manifest["latent_shape"],
+        "config": cfg.to_dict(),
+    })
+    return read_run_info(run_loc)

@@ -79,3 +79,16 @@ def test_same_seed_same_samples_and_q_sample_matches_the_closed_form():
     torch.testing.assert_close(SCHEDULE.q_sample(z0, t, noise), expected)
     # The paper's linear schedule, 0.0015 → 0.0155, leaves little signal at T.
     assert 0 < float(SCHEDULE.alphas_cumprod[-1]) < 1e-3
+
+
+def test_per_sample_generators_make_each_sample_independent_of_its_batch():
+    """With one generator per sample, a sample drawn alone equals the same seed drawn in a batch."""
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    batch = ddim_sample(toy_model, SCHEDULE, (3, 4, 8, 8), steps=5, eta=1.0, generator=gens([7, 8, 9]))
+    alone = ddim_sample(toy_model, SCHEDULE, (1, 4, 8, 8), steps=5, eta=1.0, generator=gens([8]))
+    torch.testing.assert_close(batch[1:2], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batch[0], batch[1])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        ddim_sample(toy_model, SCHEDULE, (3, 4, 8, 8), steps=2, generator=gens([1, 2]))

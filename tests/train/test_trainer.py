@@ -14,30 +14,14 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from histodiff_ray.config import load_config
-from histodiff_ray.data.ingest import ingest
-from histodiff_ray.data.latents import encode_latents
 from histodiff_ray.storage import download_dir, list_files, open_location, read_bytes
-from histodiff_ray.train.trainer import pretrain, read_run_info, train_autoencoder
-from tests.data.test_ingest import make_labeled_input
-
-TINY = ["data.batch_size=8", "ray.num_workers=2", "autoencoder.max_steps=2", "autoencoder.checkpoint_every=2",
-        "autoencoder.log_every=1", "diffusion.checkpoint_every=2", "diffusion.log_every=1", "diffusion.warmup_steps=2",
-        "unet.base_channels=32", "unet.channel_mult=1,2", "unet.attention_resolutions=2"]
-
+from histodiff_ray.train.trainer import pretrain, read_run_info, remove_unregistered_checkpoints
 
 @pytest.fixture(scope="module")
-def latents(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
-    bucket = "train-runs"
-    s3.create_bucket(bucket)
-    cfg = load_config("cpu", s3_overrides + TINY)
-    src = make_labeled_input(tmp_path_factory.mktemp("train") / "input", shared_data, classes=("AC", "H"), per_class=24)
-    ingest(cfg, [str(src)], f"s3://{bucket}/tiles", labeled=True, progress=False)
-    info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], f"s3://{bucket}/runs/ae")
-    assert info["step"] == 2 and info["final_metrics"]["val_tiles"] > 0
-    assert 0 < info["final_metrics"]["val_ssim"] < 1 and info["final_metrics"]["val_psnr"] > 5
-    manifest = encode_latents(cfg, f"s3://{bucket}/tiles", f"s3://{bucket}/runs/ae/model/vae", f"s3://{bucket}/latents")
-    assert manifest["rows"] == 48 and manifest["latent_shape"] == [4, 16, 16] and manifest["scale_factor"] > 0
-    return cfg, bucket
+def latents(tiny_latents):
+    """A fresh config per module (the drill changes step counts) over the session's tiny latent set."""
+    overrides, bucket = tiny_latents
+    return load_config("cpu", overrides), bucket
 
 
 def _worker_pids():
@@ -57,12 +41,13 @@ def _registered_checkpoint_step(run):
 
 
 def _assert_checkpoints_complete(run):
-    """Every checkpoint Ray Train has registered (the only ones a resume can load) is complete.
-    An upload cut by the SIGKILL may leave an unregistered folder behind (see the closing note)."""
+    """Every checkpoint folder on storage is one Ray Train registered, and complete: an upload cut
+    by the SIGKILL must not survive the run."""
     snapshot = json.loads(read_bytes(run.join("checkpoint_manager_snapshot.json")))
-    dirs = sorted(r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"])
-    assert dirs
-    for d in dirs:
+    registered = sorted(r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"])
+    on_storage = sorted({f.split("/")[0] for f in list_files(run) if f.startswith("checkpoint_") and "/" in f})
+    assert registered and on_storage == registered
+    for d in on_storage:
         state = json.loads(read_bytes(run.join(d, "state.json")))
         for model in ("unet", "unet_ema"):
             json.loads(read_bytes(run.join(d, model, "config.json")))
@@ -70,6 +55,18 @@ def _assert_checkpoints_complete(run):
             assert weights and all(torch.isfinite(w).all() for w in weights.values())
         optimizer = torch.load(io.BytesIO(read_bytes(run.join(d, "optimizer.pt"))), weights_only=True)
         assert optimizer["state"] and state["step"] >= 1
+
+
+def test_unregistered_checkpoint_folders_are_removed(tmp_path):
+    run = open_location(str(tmp_path / "run"), load_config("cpu").storage)
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_partial"):
+        (tmp_path / "run" / name / "unet").mkdir(parents=True)
+    (tmp_path / "run" / "model").mkdir()
+    (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}]}))
+    assert remove_unregistered_checkpoints(run) == ["checkpoint_partial"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint_a", "checkpoint_b", "checkpoint_manager_snapshot.json", "model"]
 
 
 def test_killed_worker_restarts_from_the_latest_checkpoint_then_reruns_resume_and_finetune(latents):

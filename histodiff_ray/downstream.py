@@ -1,0 +1,132 @@
+"""Tile classifiers on pixels (timm models built from config, never downloaded weights).
+
+One trainer serves two roles: the *judge* that scores synthetic tiles for selection (trained on the
+real labeled tiles) and the downstream classifier of the evaluation. Training keeps the epoch with
+the best val macro-F1 (early stopping with ``patience``): the test split is never seen here.
+
+    model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, seed=0)
+    probs, features = predict(model, tiles)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from histodiff_ray.config import DownstreamConfig
+
+
+def build_tile_classifier(arch: str, num_classes: int) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+
+
+def to_tensor(tiles: np.ndarray) -> torch.Tensor:
+    """uint8 N×H×W×3 → float32 N×3×H×W in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def dihedral_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random rotation by k·90° and flip per tile (tissue has no orientation)."""
+    k = torch.randint(0, 4, (len(x),), generator=generator)
+    flip = torch.randint(0, 2, (len(x),), generator=generator).bool()
+    out = torch.empty_like(x)
+    for r in range(4):
+        for f in (False, True):
+            idx = ((k == r) & (flip == f)).nonzero().flatten()
+            if len(idx):
+                v = torch.rot90(x[idx], r, dims=(2, 3))
+                out[idx] = v.flip(3) if f else v
+    return out
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    f1 = []
+    for c in range(num_classes):
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        f1.append(2 * tp / max(2 * tp + fp + fn, 1))
+    return float(np.mean(f1))
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, tiles: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (N×K) and penultimate features (N×D) of uint8 tiles."""
+    model.eval()
+    probs, feats = [], []
+    for start in range(0, len(tiles), batch_size):
+        x = to_tensor(tiles[start:start + batch_size])
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+        probs.append(F.softmax(model.get_classifier()(f), dim=1).numpy())
+        feats.append(f.numpy())
+    k = model.num_classes
+    return (np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
+            np.concatenate(feats) if feats else np.zeros((0, model.num_features), np.float32))
+
+
+def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+                          cfg: DownstreamConfig, num_classes: int, seed: int, augment: bool = True,
+                          log=None) -> tuple[torch.nn.Module, list[dict]]:
+    """Train on uint8 tiles; returns the model at its best val macro-F1 epoch and the history."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = build_tile_classifier(cfg.arch, num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    x_all, y_all = to_tensor(train_x), torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    best, best_state, history, since_best = -1.0, None, [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x_all), generator=g)
+        losses = []
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            x = dihedral_augment(x_all[idx], g) if augment else x_all[idx]
+            loss = F.cross_entropy(model(x), y_all[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        probs, _ = predict(model, val_x)
+        pred = probs.argmax(1)
+        row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+               "val_acc": float(np.mean(pred == val_y)), "val_macro_f1": macro_f1(val_y, pred, num_classes)}
+        history.append(row)
+        if log:
+            log(row)
+        if row["val_macro_f1"] > best:
+            best, best_state, since_best = row["val_macro_f1"], copy.deepcopy(model.state_dict()), 0
+        else:
+            since_best += 1
+            if since_best >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, history
+
+
+def save_tile_classifier(model: torch.nn.Module, arch: str, classes: list[str], folder: str, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"architecture": arch, "num_classes": len(classes), "classes": classes, **(extra or {})}, f, indent=1)
+
+
+def load_tile_classifier(folder: str) -> tuple[torch.nn.Module, dict]:
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    model = build_tile_classifier(config["architecture"], config["num_classes"])
+    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    return model.eval(), config

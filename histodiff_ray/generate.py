@@ -1,0 +1,305 @@
+"""`histodiff generate`: class-guided synthesis as a resumable batch job over a Ray actor pool.
+
+    histodiff generate --config cpu --ldm runs/finetune --classifier runs/classifier \\
+        --judge runs/judge --tiles tiles/crc5 --per-class 500 --output s3://synthetic/crc5
+
+1. **Plan.** Each class gets ``per_class`` tiles in shards of ``generate.shard_size``; tile i of
+   class c is sampled from its own seed (``tile_seed``), so a tile does not depend on which actor
+   or batch drew it. ``OUT/plan.json`` records the plan and a hash of everything that decides the
+   pixels and scores; a rerun with other settings is refused instead of mixing two sets.
+2. **Synthesize.** Ray Data sends the plan rows of missing shards to an actor pool
+   (``ActorPoolStrategy``; each actor loads the diffusion model, the guiding classifier and the
+   judge once). An actor runs guided DDIM, decodes, scores each tile (judge confidence, centroid
+   agreement, distance to the nearest real train tile) and writes its shard atomically as
+   ``OUT/shards/<CLASS>-<NNNNN>.parquet``. A shard is the unit of resumption: a rerun after a kill
+   skips the shards that exist and produces exactly the missing ones.
+3. **Select.** From the stored scores (no pixels re-read), the selection rules and the per-class
+   cap decide what is kept: ``OUT/index.parquet`` (one row per tile, kept or dropped and why),
+   ``OUT/synthetic/<CLASS>/<tile_id>.png`` for kept tiles, ``OUT/grids/*.png`` to look at and
+   ``OUT/summary.json``. Selection can be re-run alone with other thresholds (``select_synthetic``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from histodiff_ray.config import Config, SelectionConfig
+from histodiff_ray.data.images import encode_png
+from histodiff_ray.data.tiles import decode_images, decode_png, load_tile_table, require_manifest
+from histodiff_ray.errors import HistodiffError
+from histodiff_ray.storage import Location, exists, list_files, open_location, read_bytes, write_atomic
+
+PLAN_FORMAT = "histodiff-synthetic/1"
+
+SHARD_SCHEMA = pa.schema([
+    pa.field("tile_id", pa.string()),  # <CLASS>-<index>: unique by construction
+    pa.field("image", pa.binary()),  # PNG
+    pa.field("label", pa.int16()),  # target class index
+    pa.field("label_name", pa.string()),
+    pa.field("index", pa.int32()),  # tile index within its class
+    pa.field("seed", pa.int64()),  # the tile's sampling seed
+    pa.field("shard", pa.string()),
+    pa.field("ldm", pa.string()),  # provenance: diffusion run and its weights' sha256
+    pa.field("ldm_sha256", pa.string()),
+    pa.field("classifier", pa.string()),
+    pa.field("classifier_sha256", pa.string()),
+    pa.field("judge", pa.string()),
+    pa.field("guidance_scale", pa.float32()),
+    pa.field("ddim_steps", pa.int32()),
+    pa.field("eta", pa.float32()),
+    pa.field("probs", pa.list_(pa.float32())),  # judge's softmax over the classes
+    pa.field("confidence", pa.float32()),  # judge's p(target)
+    pa.field("nearest_centroid", pa.int16()),
+    pa.field("centroid_similarity", pa.float32()),  # cosine similarity to the target's centroid
+    pa.field("real_distance", pa.float32()),  # RMS grey levels to the nearest real train tile (16×16, any rotation/flip)
+])
+
+
+def tile_seed(seed: int, label: int, index: int) -> int:
+    """A 63-bit seed per (config seed, class, tile index)."""
+    return int(np.random.SeedSequence([seed, label, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def sha256_of(loc: Location) -> str:
+    return hashlib.sha256(read_bytes(loc)).hexdigest()
+
+
+def make_plan(cfg: Config, classes: list[str], per_class: int, sources: dict) -> dict:
+    g = cfg.generate
+    shards = []
+    for label, name in enumerate(classes):
+        for i, start in enumerate(range(0, per_class, g.shard_size)):
+            shards.append({"shard": f"{name}-{i:05d}", "label": label, "label_name": name,
+                           "start": start, "count": min(g.shard_size, per_class - start)})
+    decides = {"sources": sources, "seed": cfg.seed, "sampling": dataclasses.asdict(cfg.sampling),
+               "shard_size": g.shard_size, "per_class": per_class, "classes": classes}
+    digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:16]
+    return {"format": PLAN_FORMAT, "hash": digest, **decides, "shards": shards}
+
+
+class Synthesizer:
+    """A Ray Data callable class: models are loaded once per actor; each call makes whole shards."""
+
+    def __init__(self, plan: dict, out: str, storage: dict, real_thumbs, threads: int):
+        import tempfile
+
+        import ray
+        import torch
+
+        from histodiff_ray.config import StorageConfig
+        from histodiff_ray.judge import load_judge
+        from histodiff_ray.ldm import LatentDiffusion
+        from histodiff_ray.models.classifier import NoiseAwareClassifier
+        from histodiff_ray.storage import download_dir
+
+        torch.set_num_threads(threads)
+        st = StorageConfig(**storage)
+        src = plan["sources"]
+        self.plan, self.out = plan, open_location(out, st)
+        self.ldm = LatentDiffusion.from_run(open_location(src["ldm"], st))
+        local = download_dir(open_location(src["classifier"], st).join("model", "classifier"), tempfile.mkdtemp(prefix="guide-"))
+        self.guide = NoiseAwareClassifier.from_pretrained(local).to(self.ldm.device).eval().requires_grad_(False)
+        self.judge, _, self.centroids = load_judge(src["judge"], st)
+        self.real_thumbs = ray.get(real_thumbs) if isinstance(real_thumbs, ray.ObjectRef) else real_thumbs
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        tables = [self.make_shard(r) for r in rows]
+        table = pa.concat_tables(tables).drop_columns(["image", "probs"])
+        return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+    def make_shard(self, row: dict) -> pa.Table:
+        import torch
+
+        from histodiff_ray.diffusion.guidance import classifier_cond_fn
+        from histodiff_ray.downstream import predict
+        from histodiff_ray.selection import nearest_centroid_scores, nearest_real_distance
+
+        plan, s = self.plan, self.plan["sampling"]
+        label, count, start = int(row["label"]), int(row["count"]), int(row["start"])
+        seeds = [tile_seed(plan["seed"], label, start + i) for i in range(count)]
+        labels = torch.full((count,), label, dtype=torch.long, device=self.ldm.device)
+        z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"],
+                            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+                            cond_fn=classifier_cond_fn(self.guide, labels), guidance_scale=s["guidance_scale"])
+        tiles = self.ldm.decode(z)
+        probs, features = predict(self.judge, tiles)
+        nearest, similarity = nearest_centroid_scores(features, self.centroids, np.full(count, label))
+        real_distance = nearest_real_distance(tiles, self.real_thumbs)
+        src = plan["sources"]
+        name = row["label_name"]
+        table = pa.table({
+            "tile_id": [f"{name}-{start + i:06d}" for i in range(count)],
+            "image": [encode_png(t) for t in tiles],
+            "label": np.full(count, label, np.int16), "label_name": [name] * count,
+            "index": np.arange(start, start + count, dtype=np.int32), "seed": np.array(seeds, np.int64),
+            "shard": [row["shard"]] * count,
+            "ldm": [src["ldm"]] * count, "ldm_sha256": [src["ldm_sha256"]] * count,
+            "classifier": [src["classifier"]] * count, "classifier_sha256": [src["classifier_sha256"]] * count,
+            "judge": [src["judge"]] * count,
+            "guidance_scale": np.full(count, s["guidance_scale"], np.float32),
+            "ddim_steps": np.full(count, s["ddim_steps"], np.int32), "eta": np.full(count, s["eta"], np.float32),
+            "probs": [p.astype(np.float32) for p in probs], "confidence": probs[:, label].astype(np.float32),
+            "nearest_centroid": nearest.astype(np.int16), "centroid_similarity": similarity.astype(np.float32),
+            "real_distance": np.asarray(real_distance, np.float32),
+        }, schema=SHARD_SCHEMA)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        write_atomic(self.out.join("shards", f"{row['shard']}.parquet"), sink.getvalue().to_pybytes())
+        return table
+
+
+def generate(cfg: Config, *, ldm: str, classifier: str, judge: str, tiles: str, output: str,
+             per_class: int | None = None, progress: bool = True) -> dict:
+    """Plan, synthesize the missing shards, then select; returns the summary."""
+    import ray
+    import ray.data
+
+    from histodiff_ray.data.latents import _storage_dict
+    from histodiff_ray.judge import load_judge
+    from histodiff_ray.raycluster import init_ray
+    from histodiff_ray.selection import box_thumbnails
+
+    out = open_location(output, cfg.storage)
+    tiles_loc = open_location(tiles, cfg.storage)
+    classes = require_manifest(tiles_loc)["classes"]
+    per_class = per_class or cfg.generate.per_class
+    ldm_loc, clf_loc = open_location(ldm, cfg.storage), open_location(classifier, cfg.storage)
+    guide_info = json.loads(read_bytes(clf_loc.join("run.json")))
+    if guide_info.get("classes") != classes:
+        raise HistodiffError(f"the classifier at {classifier} knows classes {guide_info.get('classes')}, the tile set {tiles} has {classes}")
+    _, judge_config, _ = load_judge(judge, cfg.storage)
+    if judge_config["classes"] != classes:
+        raise HistodiffError(f"the judge at {judge} knows classes {judge_config['classes']}, the tile set {tiles} has {classes}")
+    sources = {"ldm": ldm_loc.uri, "ldm_sha256": sha256_of(ldm_loc.join("model", "unet", "diffusion_pytorch_model.safetensors")),
+               "classifier": clf_loc.uri,
+               "classifier_sha256": sha256_of(clf_loc.join("model", "classifier", "diffusion_pytorch_model.safetensors")),
+               "judge": open_location(judge, cfg.storage).uri, "tiles": tiles_loc.uri}
+    plan = make_plan(cfg, classes, per_class, sources)
+    _save_or_check_plan(out, plan)
+
+    done = {name.removesuffix(".parquet") for name in _list(out.join("shards")) if name.endswith(".parquet")}
+    todo = [s for s in plan["shards"] if s["shard"] not in done]
+    total = sum(s["count"] for s in plan["shards"])
+    print(f"[generate] {total} tiles in {len(plan['shards'])} shards; {len(done)} shards already done, {len(todo)} to make", flush=True)
+    if todo:
+        init_ray(cfg)
+        real = load_tile_table(tiles_loc, "train", columns=["image"])
+        thumbs = ray.put(box_thumbnails(decode_images(real.column("image"))))
+        g = cfg.generate
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            Synthesizer,
+            fn_constructor_kwargs={"plan": plan, "out": out.uri, "storage": _storage_dict(cfg), "real_thumbs": thumbs,
+                                   "threads": g.threads_per_actor},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=g.actors),
+            num_cpus=cfg.ray.cpus_per_worker,
+            num_gpus=cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0,
+        )
+        _drain(ds, sum(s["count"] for s in todo), progress)
+    return select_synthetic(cfg, output, cfg.selection)
+
+
+def _drain(ds, tiles: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=tiles, unit="tile", desc="generate", disable=not progress, mininterval=1.0) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            bar.update(batch.num_rows)
+
+
+def _save_or_check_plan(out: Location, plan: dict) -> None:
+    try:
+        existing = json.loads(read_bytes(out.join("plan.json")))
+    except FileNotFoundError:
+        write_atomic(out.join("plan.json"), json.dumps(plan, indent=1, sort_keys=True).encode())
+        return
+    if existing.get("hash") != plan["hash"]:
+        changed = sorted(k for k in ("sources", "seed", "sampling", "shard_size", "per_class", "classes") if existing.get(k) != plan[k])
+        raise HistodiffError(f"{out} already holds tiles generated with other settings (differs in: {', '.join(changed)}); "
+                             "use a new --output, or delete it to start over")
+
+
+def _list(loc: Location) -> list[str]:
+    return list_files(loc) if exists(loc) else []
+
+
+def load_shards(out: Location, columns: list[str] | None = None) -> pa.Table:
+    plan = json.loads(read_bytes(out.join("plan.json")))
+    missing = [s["shard"] for s in plan["shards"] if not exists(out.join("shards", f"{s['shard']}.parquet"))]
+    if missing:
+        raise HistodiffError(f"{out} is missing {len(missing)} shard(s) (e.g. {missing[0]}); rerun `histodiff generate` to finish it")
+    cols = columns or [f.name for f in SHARD_SCHEMA if f.name != "image"]
+    tables = [pq.read_table(out.join("shards", f"{s['shard']}.parquet").path, filesystem=out.filesystem, columns=cols)
+              for s in plan["shards"]]
+    return pa.concat_tables(tables)
+
+
+def select_synthetic(cfg: Config, output: str, selection: SelectionConfig, *, write_pngs: bool = True) -> dict:
+    """Apply the selection rules and the per-class cap to a finished synthetic set."""
+    from histodiff_ray.selection import decide
+
+    out = open_location(output, cfg.storage)
+    plan = json.loads(read_bytes(out.join("plan.json")))
+    table = load_shards(out).sort_by([("label", "ascending"), ("index", "ascending")])
+    kept, reason = decide(table.column("label").to_numpy(), table.column("confidence").to_numpy(),
+                          table.column("nearest_centroid").to_numpy(), table.column("real_distance").to_numpy(), selection)
+    index = table.append_column("kept", pa.array(kept)).append_column("reason", pa.array(reason))
+    index = index.append_column("png", pa.array([f"synthetic/{n}/{t}.png" if k else None for n, t, k in
+                                                 zip(index.column("label_name").to_pylist(), index.column("tile_id").to_pylist(), kept)]))
+    if write_pngs:
+        _write_pngs_and_grids(out, plan, index)
+    sink = pa.BufferOutputStream()
+    pq.write_table(index, sink, compression="zstd")
+    write_atomic(out.join("index.parquet"), sink.getvalue().to_pybytes())
+    per_class = {}
+    for label, name in enumerate(plan["classes"]):
+        mine = index.column("label").to_numpy() == label
+        reasons = [r for r, m in zip(reason, mine) if m and r]
+        per_class[name] = {"generated": int(mine.sum()), "kept": int((kept & mine).sum()),
+                           "dropped": {r: reasons.count(r) for r in sorted(set(reasons))}}
+    summary = {"output": out.uri, "plan_hash": plan["hash"], "tiles": index.num_rows, "kept": int(kept.sum()),
+               "selection": dataclasses.asdict(selection), "per_class": per_class}
+    write_atomic(out.join("summary.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
+    return summary
+
+
+def _write_pngs_and_grids(out: Location, plan: dict, index: pa.Table, grid_tiles: int = 64) -> None:
+    """Kept tiles as PNG files (many small writes: threads, since each is one request on S3) and a
+    kept / dropped grid per class."""
+    from histodiff_ray.ldm import save_png, tile_grid
+
+    kept = index.column("kept").to_numpy(zero_copy_only=False)
+    by_shard: dict[str, list[int]] = {}
+    for i, shard in enumerate(index.column("shard").to_pylist()):
+        by_shard.setdefault(shard, []).append(i)
+    tile_ids = index.column("tile_id").to_pylist()
+    labels = index.column("label").to_numpy()
+    grids = {(label, k): [] for label in range(len(plan["classes"])) for k in (True, False)}
+    writes = []
+    for shard, rows in by_shard.items():
+        images = dict(zip(*pq.read_table(out.join("shards", f"{shard}.parquet").path, filesystem=out.filesystem,
+                                         columns=["tile_id", "image"]).to_pydict().values()))
+        for i in rows:
+            png = images[tile_ids[i]]
+            if kept[i]:
+                writes.append((out.join(index.column("png")[i].as_py()), png))
+            bucket = grids[(int(labels[i]), bool(kept[i]))]
+            if len(bucket) < grid_tiles:
+                bucket.append(decode_png(png))
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda w: write_atomic(*w), writes))
+    for (label, k), tiles in grids.items():
+        if tiles:
+            name = plan["classes"][label]
+            save_png(tile_grid(np.stack(tiles), columns=8), out.join("grids", f"{name}-{'kept' if k else 'dropped'}.png"))

@@ -1,0 +1,73 @@
+"""`histodiff train-judge`: the classifier that decides which synthetic tiles to keep.
+
+It is trained on the real labeled train tiles only (pixels, a timm model), with the epoch chosen
+on the val split. Its folder holds the model (safetensors + config.json) and the class centroids of
+its features over those same tiles, which selection's centroid-agreement rule compares against::
+
+    JUDGE/model.safetensors  JUDGE/config.json  JUDGE/centroids.safetensors  JUDGE/history.json
+
+It is deliberately a different network from the latent classifier that guides sampling: a tile
+that fooled the guide must still convince an independent judge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from histodiff_ray.config import Config
+from histodiff_ray.data.tiles import decode_images, load_tile_table, require_manifest
+from histodiff_ray.downstream import load_tile_classifier, predict, save_tile_classifier, train_tile_classifier
+from histodiff_ray.errors import HistodiffError
+from histodiff_ray.selection import class_centroids
+from histodiff_ray.storage import download_dir, open_location, upload_dir
+
+
+def train_judge(cfg: Config, tiles: str, output: str) -> dict:
+    tiles_loc, out = open_location(tiles, cfg.storage), open_location(output, cfg.storage)
+    manifest = require_manifest(tiles_loc)
+    classes = manifest["classes"]
+    train = load_tile_table(tiles_loc, "train", labeled_only=True)
+    val = load_tile_table(tiles_loc, "val")
+    if train.num_rows == 0 or val.num_rows == 0:
+        raise HistodiffError(f"train-judge: {tiles} needs labeled train tiles and val tiles (has {train.num_rows} and {val.num_rows})")
+    train_x, train_y = decode_images(train.column("image")), train.column("label").to_numpy().astype(np.int64)
+    val_x, val_y = decode_images(val.column("image")), val.column("label").to_numpy().astype(np.int64)
+    missing = [classes[k] for k in range(len(classes)) if not np.any(train_y == k)]
+    if missing:
+        raise HistodiffError(f"train-judge: no labeled train tiles for class(es) {missing} in {tiles}; raise data.label_fraction")
+
+    def log(row):
+        print(f"[judge] epoch {row['epoch']}/{cfg.downstream.epochs}: loss {row['loss']:.3f}, "
+              f"val acc {row['val_acc']:.3f}, val macro-F1 {row['val_macro_f1']:.3f}", flush=True)
+
+    model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, len(classes), seed=cfg.seed, log=log)
+    _, features = predict(model, train_x)
+    centroids = class_centroids(torch.from_numpy(features), torch.from_numpy(train_y), len(classes))
+    best = max(history, key=lambda r: r["val_macro_f1"])
+    summary = {"tiles": tiles_loc.uri, "classes": classes, "train_tiles": int(train.num_rows), "val_tiles": int(val.num_rows),
+               "best_epoch": best["epoch"], "val_acc": best["val_acc"], "val_macro_f1": best["val_macro_f1"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        from safetensors.torch import save_file
+
+        save_tile_classifier(model, cfg.downstream.arch, classes, tmp, extra={"judge": summary})
+        save_file({"centroids": torch.as_tensor(np.asarray(centroids), dtype=torch.float32).contiguous()},
+                  os.path.join(tmp, "centroids.safetensors"))
+        with open(os.path.join(tmp, "history.json"), "w") as f:
+            json.dump(history, f, indent=1)
+        upload_dir(tmp, out)
+    return summary
+
+
+def load_judge(judge_dir: str, storage) -> tuple[torch.nn.Module, dict, np.ndarray]:
+    """(model, config, centroids K×D) from a judge folder, local or S3."""
+    from safetensors.torch import load_file
+
+    local = download_dir(open_location(judge_dir, storage), tempfile.mkdtemp(prefix="judge-"))
+    model, config = load_tile_classifier(local)
+    centroids = load_file(os.path.join(local, "centroids.safetensors"))["centroids"].numpy()
+    return model, config, centroids
