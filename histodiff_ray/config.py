@@ -309,6 +309,45 @@ class DownstreamConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """`histodiff evaluate`: the downstream comparison (see histodiff_ray/evaluate.py)."""
+
+    seeds: int = 3  # downstream trainings per arm
+    synthetic_ratio: float = 1.0  # synthetic tiles per real labeled tile, per class
+    cpus_per_run: float = 1.0  # each (arm, seed) is a Ray task with one torch thread
+
+    def validate(self, p: str) -> None:
+        _check(self.seeds >= 1, f"{p}.seeds", self.seeds, "an integer >= 1")
+        _check(self.synthetic_ratio > 0, f"{p}.synthetic_ratio", self.synthetic_ratio, "a number > 0")
+        _check(self.cpus_per_run > 0, f"{p}.cpus_per_run", self.cpus_per_run, "a number > 0")
+
+
+@dataclass
+class SweepConfig:
+    """`histodiff sweep`: Ray Tune over guidance scale, selection threshold and synthetic ratio."""
+
+    trials: int = 12
+    guidance_scales: list[float] = field(default_factory=lambda: [0.0, 2.5, 5.0, 10.0, 20.0, 30.0])  # a grid: trials share generated sets
+    confidence_threshold_range: list[float] = field(default_factory=lambda: [0.5, 0.99])
+    synthetic_ratio_range: list[float] = field(default_factory=lambda: [0.25, 2.0])
+    per_class: int = 64  # tiles generated per class for each guidance scale
+    epochs: int = 8  # downstream epochs per trial (ASHA may stop a trial earlier)
+    grace_epochs: int = 2  # ASHA's grace period
+    concurrency: int = 1  # trials at once; 1 on small machines (a trial's generate needs the CPUs)
+
+    def validate(self, p: str) -> None:
+        for name in ("trials", "per_class", "epochs", "grace_epochs", "concurrency"):
+            v = getattr(self, name)
+            _check(v >= 1, f"{p}.{name}", v, "an integer >= 1")
+        _check(self.guidance_scales and all(g >= 0 for g in self.guidance_scales), f"{p}.guidance_scales",
+               self.guidance_scales, "a non-empty list of numbers >= 0")
+        for name, lo, hi in (("confidence_threshold_range", 0.0, 1.0), ("synthetic_ratio_range", 0.0, 100.0)):
+            v = getattr(self, name)
+            _check(len(v) == 2 and lo <= v[0] <= v[1] <= hi, f"{p}.{name}", v, f"[low, high] with {lo} <= low <= high <= {hi}")
+        _check(self.grace_epochs <= self.epochs, f"{p}.grace_epochs", self.grace_epochs, f"at most sweep.epochs ({self.epochs})")
+
+
+@dataclass
 class Config:
     profile: str = "cpu"
     seed: int = 0
@@ -323,6 +362,8 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from histodiff_ray.config import DownstreamConfig
+from histodiff_ray.metrics import macro_f1  # noqa: F401  (sklearn macro-F1, zero_division=0; re-exported)
 
 
 def build_tile_classifier(arch: str, num_classes: int) -> torch.nn.Module:
@@ -32,8 +33,10 @@ def to_tensor(tiles: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def dihedral_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A random rotation by k·90° and flip per tile (tissue has no orientation)."""
+def classic_augment(x: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) -> torch.Tensor:
+    """Classic augmentation for H&E tiles in [-1, 1]: a random rotation by k·90° and flip (tissue
+    has no orientation) and brightness / contrast / saturation jitter of ±``jitter`` (staining and
+    scanner variation)."""
     k = torch.randint(0, 4, (len(x),), generator=generator)
     flip = torch.randint(0, 2, (len(x),), generator=generator).bool()
     out = torch.empty_like(x)
@@ -43,17 +46,14 @@ def dihedral_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
             if len(idx):
                 v = torch.rot90(x[idx], r, dims=(2, 3))
                 out[idx] = v.flip(3) if f else v
+    if jitter > 0:
+        b, c, s = (1 + jitter * (2 * torch.rand(3, len(x), 1, 1, 1, generator=generator) - 1)).unbind(0)
+        grey = out.mean(dim=1, keepdim=True)
+        out = grey + s * (out - grey)  # saturation
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = (mean + c * (out - mean)) * b  # contrast, then brightness
+        out = out.clamp(-1, 1)
     return out
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    f1 = []
-    for c in range(num_classes):
-        tp = np.sum((y_pred == c) & (y_true == c))
-        fp = np.sum((y_pred == c) & (y_true != c))
-        fn = np.sum((y_pred != c) & (y_true == c))
-        f1.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return float(np.mean(f1))
 
 
 @torch.no_grad()
@@ -89,7 +89,7 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
-            x = dihedral_augment(x_all[idx], g) if augment else x_all[idx]
+            x = classic_augment(x_all[idx], g) if augment else x_all[idx]
             loss = F.cross_entropy(model(x), y_all[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -274,7 +274,7 @@ def select_synthetic(cfg: Config, output: str, selection: SelectionConfig, *, wr
     return summary
 
 
-def _write_pngs_and_grids(out: Location, plan: dict, index: pa.Table, grid_tiles: int = 64) -> None:
+def _write_pngs_and_grids(out: Location, plan: dict, index: pa.Table, grid_tiles: int = 32) -> None:
     """Kept tiles as PNG files (many small writes: threads, since each is one request on S3) and a
     kept / dropped grid per class."""
     from histodiff_ray.ldm import save_png, tile_grid

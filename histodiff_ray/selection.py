@@ -298,7 +298,7 @@ def nearest_thumbnail(synthetic_thumbs: np.ndarray, real_thumbs: np.ndarray, chu
 
     # Centring on mid-grey (both sides, so distances are unchanged) keeps the norms small and the
     # float32 expansion |a|² + |b|² - 2ab accurate.
-    r = torch.as_tensor(real.reshape(m, dim), dtype=torch.float32, device=device) - 127.5
+    r = torch.tensor(real.reshape(m, dim), dtype=torch.float32, device=device) - 127.5  # a copy: `real` may be read-only
     r_sq = (r * r).sum(-1)
     with torch.no_grad():
         for i0 in range(0, n, chunk):

@@ -139,3 +139,52 @@ def ray_head(tmp_path_factory, s3):
         except ProcessLookupError:
             pass
     time.sleep(1)
+
+
+# Settings for the synthesis tests: a 2-step LDM, a tiny guide, a 2-epoch judge, shards of 2 tiles.
+GEN = ["diffusion.max_steps=2", "classifier.width=32", "classifier.channel_mult=1,2", "classifier.attention_resolutions=2",
+       "classifier.max_steps=4", "classifier.checkpoint_every=4", "classifier.log_every=2", "classifier.warmup_steps=0",
+       "downstream.epochs=2", "downstream.batch_size=16", "generate.shard_size=2", "generate.actors=2",
+       "sampling.ddim_steps=20", "selection.confidence_threshold=0.5"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_latents):
+    """A 2-step latent diffusion run, the classifier that guides it and the judge, on the S3 server."""
+    from histodiff_ray.config import load_config
+    from histodiff_ray.judge import train_judge
+    from histodiff_ray.train.trainer import pretrain, train_classifier
+
+    overrides, bucket = tiny_latents
+    overrides = overrides + GEN
+    cfg = load_config("cpu", overrides)
+    root = f"s3://{bucket}/gen"
+    pretrain(cfg, [(f"s3://{bucket}/latents", 1.0)], f"{root}/ldm")
+    info = train_classifier(cfg, f"s3://{bucket}/latents", f"{root}/ldm", f"{root}/classifier")
+    judge = train_judge(cfg, f"s3://{bucket}/tiles", f"{root}/judge")
+    args = {"ldm": f"{root}/ldm", "classifier": f"{root}/classifier", "judge": f"{root}/judge", "tiles": f"s3://{bucket}/tiles"}
+    return {"overrides": overrides, "root": root, "args": args, "classifier_info": info, "judge": judge}
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tiny_models):
+    """A finished synthetic set (2 classes × 8 tiles) from the tiny models."""
+    from histodiff_ray.config import load_config
+    from histodiff_ray.generate import generate
+
+    cfg = load_config("cpu", tiny_models["overrides"])
+    uri = f"{tiny_models['root']}/synthetic-small"
+    generate(cfg, **tiny_models["args"], output=uri, per_class=8, progress=False)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_evaluation(tiny_models, tiny_synthetic):
+    """`evaluate` on the tiny tile set with the tiny synthetic set: 3 arms × 2 seeds."""
+    from histodiff_ray.config import load_config
+    from histodiff_ray.evaluate import evaluate
+
+    cfg = load_config("cpu", tiny_models["overrides"] + ["evaluate.seeds=2", "evaluate.cpus_per_run=0.5"])
+    out = f"{tiny_models['root']}/eval"
+    result = evaluate(cfg, tiny_models["args"]["tiles"], out, synthetic={"tiny": tiny_synthetic}, judge=tiny_models["args"]["judge"])
+    return out, result

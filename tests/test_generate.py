@@ -19,28 +19,13 @@ from histodiff_ray.config import load_config
 from histodiff_ray.storage import list_files, open_location, read_bytes
 
 BIN = Path(sys.executable).parent
-GEN = ["diffusion.max_steps=2", "classifier.width=32", "classifier.channel_mult=1,2", "classifier.attention_resolutions=2",
-       "classifier.max_steps=4", "classifier.checkpoint_every=4", "classifier.log_every=2", "classifier.warmup_steps=0",
-       "downstream.epochs=2", "downstream.batch_size=16", "generate.shard_size=2", "generate.actors=2",
-       "sampling.ddim_steps=20", "selection.confidence_threshold=0.5"]
 PER_CLASS = 12
 
 
 @pytest.fixture(scope="module")
-def models(tiny_latents):
-    """A 2-step latent diffusion run, the classifier that guides it and the judge."""
-    from histodiff_ray.judge import train_judge
-    from histodiff_ray.train.trainer import pretrain, train_classifier
-
-    overrides, bucket = tiny_latents
-    overrides = overrides + GEN
-    cfg = load_config("cpu", overrides)
-    root = f"s3://{bucket}/gen"
-    pretrain(cfg, [(f"s3://{bucket}/latents", 1.0)], f"{root}/ldm")
-    info = train_classifier(cfg, f"s3://{bucket}/latents", f"{root}/ldm", f"{root}/classifier")
-    judge = train_judge(cfg, f"s3://{bucket}/tiles", f"{root}/judge")
-    args = {"ldm": f"{root}/ldm", "classifier": f"{root}/classifier", "judge": f"{root}/judge", "tiles": f"s3://{bucket}/tiles"}
-    return cfg, overrides, root, args, info, judge
+def models(tiny_models):
+    t = tiny_models
+    return load_config("cpu", t["overrides"]), t["overrides"], t["root"], t["args"], t["classifier_info"], t["judge"]
 
 
 def test_classifier_reports_val_accuracy_per_noise_bucket_and_loads_from_its_folder(models):

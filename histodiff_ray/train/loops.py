@@ -48,7 +48,9 @@ def _save_checkpoint(models: dict, optimizer, state: dict):
 
     folder = tempfile.mkdtemp(prefix="ckpt-")
     for name, model in models.items():
-        model.save_pretrained(os.path.join(folder, name), safe_serialization=True)
+        # safetensors stores contiguous tensors only: save a copy in the default layout.
+        copy.deepcopy(model).to(memory_format=torch.contiguous_format).save_pretrained(
+            os.path.join(folder, name), safe_serialization=True)
     torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
     with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump(state, f)
@@ -185,8 +187,19 @@ class EMA:
     def update(self, model, step: int) -> None:
         # Warm-up as in diffusers' EMAModel: early averages forget the random initialisation fast.
         decay = min(self.decay, (1 + step) / (10 + step))
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1 - decay)
+        # One multi-tensor kernel over all parameters, not a Python loop of small ones.
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+
+
+def adamw(params, lr: float, weight_decay: float = 0.0):
+    """AdamW with torch's fused kernel (CPU and CUDA): the default on CPU is a Python loop over
+    the parameters, which costs a tenth of a small UNet's step."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """NHWC layout: oneDNN's (CPU) and cuDNN's (tensor cores) fast path for convolutions."""
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def diffusion_loop(config: dict) -> None:
@@ -205,8 +218,9 @@ def diffusion_loop(config: dict) -> None:
     unet = build_unet(cfg.unet, side, c, d.num_train_timesteps)
     if config.get("init_weights") is not None:
         unet.load_state_dict(config["init_weights"])
+    unet.to(memory_format=torch.channels_last)
     ema = EMA(unet, d.ema_decay)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = adamw(unet.parameters(), lr=lr)
     state = _load_checkpoint({"unet": unet, "unet_ema": ema.model}, optimizer)
     step, history = state.get("step", 0), state.get("history", [])
     resumed_from = step if state else None
@@ -225,7 +239,7 @@ def diffusion_loop(config: dict) -> None:
             noise = torch.randn_like(z0)
             t = torch.randint(0, d.num_train_timesteps, (len(z0),), device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                pred = model(schedule.q_sample(z0, t, noise), t).sample
+                pred = model(channels_last(schedule.q_sample(z0, t, noise)), t).sample
             loss = (F.l1_loss if d.loss == "l1" else F.mse_loss)(pred.float(), noise)
             (loss / d.grad_accum_steps).backward()
             window.append((loss.item(), len(z0)))

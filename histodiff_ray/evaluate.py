@@ -1,0 +1,231 @@
+"""`histodiff evaluate`: does the synthetic data make a better classifier, and by how much?
+
+    histodiff evaluate --config cpu --tiles tiles/crc5 --synthetic pretrained=synthetic/crc5 \\
+        --synthetic scratch=synthetic/crc5-no-pretraining --judge runs/judge --output eval/crc5
+
+Arms, each trained for ``evaluate.seeds`` seeds with the same downstream model and budget:
+
+* ``real``: the real labeled train tiles, no augmentation;
+* ``real+aug``: the same with classic augmentation (rotations, flips, colour jitter);
+* ``real+aug+syn:NAME``: classic augmentation plus the kept synthetic tiles of a generate output,
+  ``evaluate.synthetic_ratio`` × the real count, per class in proportion to the real tiles.
+
+Each (arm, seed) trains as a Ray task. Model selection (the epoch, early stopping) reads only the
+val split; each model sees the test split once, after its training has finished, and nothing
+downstream of that choice reads test results. Reported per arm: accuracy, balanced accuracy,
+macro-F1 (mean ± sd and a 95% t-interval over seeds), per-class recall and the confusion matrix
+summed over seeds. Generation quality per synthetic set and class: FID, KID and precision/recall
+between the kept synthetic tiles and the real val tiles, on the judge's penultimate features (an
+in-domain network trained here on the real labeled tiles; no Inception weights can be had).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from histodiff_ray.config import Config, SelectionConfig
+from histodiff_ray.data.tiles import decode_images, load_tile_table, require_manifest
+from histodiff_ray.errors import HistodiffError
+from histodiff_ray.storage import open_location, read_bytes, write_atomic
+
+
+def load_synthetic(cfg: Config, uri: str, real_counts: np.ndarray, ratio: float,
+                   selection: SelectionConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Kept synthetic tiles of a generate output: per class round(ratio × real count), in tile
+    order. With ``selection``, the rules are re-applied to the stored scores in memory (a sweep
+    trying thresholds) instead of reading the output's index."""
+    out = open_location(uri, cfg.storage)
+    if selection is not None:
+        from histodiff_ray.generate import load_shards
+        from histodiff_ray.selection import decide
+
+        index = load_shards(out, ["tile_id", "label", "shard", "index", "confidence", "nearest_centroid", "real_distance"])
+        kept, _ = decide(index.column("label").to_numpy(), index.column("confidence").to_numpy(),
+                         index.column("nearest_centroid").to_numpy(), index.column("real_distance").to_numpy(), selection)
+        index = index.append_column("kept", pa.array(kept))
+    else:
+        try:
+            index = pq.read_table(io.BytesIO(read_bytes(out.join("index.parquet"))), columns=["tile_id", "label", "shard", "kept", "index"])
+        except FileNotFoundError:
+            raise HistodiffError(f"{uri} holds no finished synthetic set (index.parquet is missing); run `histodiff generate` first") from None
+    rows = index.filter(index.column("kept")).sort_by([("label", "ascending"), ("index", "ascending")]).to_pylist()
+    wanted = {c: int(round(ratio * n)) for c, n in enumerate(real_counts)}
+    chosen = []
+    for row in rows:
+        if wanted.get(row["label"], 0) > 0:
+            chosen.append(row)
+            wanted[row["label"]] -= 1
+    images, labels = [], []
+    for shard in sorted({r["shard"] for r in chosen}):
+        ids = {r["tile_id"] for r in chosen if r["shard"] == shard}
+        table = pq.read_table(out.join("shards", f"{shard}.parquet").path, filesystem=out.filesystem, columns=["tile_id", "image", "label"])
+        for tile_id, image, label in zip(*table.to_pydict().values()):
+            if tile_id in ids:
+                images.append(image)
+                labels.append(label)
+    short = {c: n for c, n in wanted.items() if n > 0}
+    if short:
+        print(f"[evaluate] {uri}: not enough kept tiles for classes {short} (missing count); using what there is", flush=True)
+    return (decode_images(images) if images else np.zeros((0, cfg.data.tile_size, cfg.data.tile_size, 3), np.uint8),
+            np.asarray(labels, np.int64))
+
+
+def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tuple, test: tuple, augment: bool) -> dict:
+    """One (arm, seed): train with early stopping on val, then read the test split once.
+    ``train``/``val``/``test`` are (uint8 tiles, labels); Ray resolves them from the object store."""
+    import torch
+
+    from histodiff_ray.config import config_from_dict
+    from histodiff_ray.downstream import predict, train_tile_classifier
+    from histodiff_ray.metrics import classification_report
+
+    torch.set_num_threads(1)
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = train, val, test
+    cfg = config_from_dict(cfg_dict)
+    k = int(max(train_y.max(), val_y.max(), test_y.max())) + 1
+    model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, k, seed=seed, augment=augment)
+    best = max(history, key=lambda r: r["val_macro_f1"])
+    probs, _ = predict(model, test_x)
+    report = classification_report(test_y, probs.argmax(1), k)
+    return {"arm": arm, "seed": seed, "best_epoch": best["epoch"], "val_macro_f1": best["val_macro_f1"],
+            "train_tiles": int(len(train_y)), "history": history, "test": report}
+
+
+def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] | None = None, judge: str | None = None) -> dict:
+    import ray
+
+    from histodiff_ray.raycluster import init_ray
+
+    e = cfg.evaluate
+    tiles_loc, out = open_location(tiles, cfg.storage), open_location(output, cfg.storage)
+    classes = require_manifest(tiles_loc)["classes"]
+    splits = {}
+    for split, labeled_only in (("train", True), ("val", False), ("test", False)):
+        table = load_tile_table(tiles_loc, split, labeled_only=labeled_only)
+        splits[split] = (decode_images(table.column("image")), table.column("label").to_numpy().astype(np.int64))
+        if table.num_rows == 0:
+            raise HistodiffError(f"evaluate: {tiles} has no {'labeled ' if labeled_only else ''}{split} tiles")
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits["train"], splits["val"], splits["test"]
+    real_counts = np.bincount(train_y, minlength=len(classes))
+    arms = {"real": (train_x, train_y, False), "real+aug": (train_x, train_y, True)}
+    synthetic_sets = {}
+    for name, uri in (synthetic or {}).items():
+        syn_x, syn_y = load_synthetic(cfg, uri, real_counts, e.synthetic_ratio)
+        synthetic_sets[name] = (syn_x, syn_y)
+        arms[f"real+aug+syn:{name}"] = (np.concatenate([train_x, syn_x]), np.concatenate([train_y, syn_y]), True)
+
+    init_ray(cfg)
+    task = ray.remote(num_cpus=e.cpus_per_run)(_train_and_test)
+    val_ref, test_ref = ray.put((val_x, val_y)), ray.put((test_x, test_y))
+    refs = []
+    for arm, (x, y, augment) in arms.items():
+        data = ray.put((x, y))
+        for seed in range(e.seeds):
+            refs.append(task.remote(cfg.to_dict(), arm, seed, data, val_ref, test_ref, augment))
+    runs = _gather(refs)
+
+    table = {}
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        confusion = np.sum([r["test"]["confusion"] for r in mine], axis=0).tolist()
+        table[arm] = {
+            "train_tiles": mine[0]["train_tiles"],
+            **{m: _unit_ci([r["test"][m] for r in mine]) for m in ("accuracy", "balanced_accuracy", "macro_f1")},
+            "val_macro_f1": _unit_ci([r["val_macro_f1"] for r in mine]),
+            "per_class_recall": {c: float(np.mean([r["test"]["per_class_recall"][c] for r in mine
+                                                   if r["test"]["per_class_recall"][c] is not None] or [np.nan]))
+                                 for c in mine[0]["test"]["per_class_recall"]},
+            "confusion": confusion,
+        }
+    result = {"tiles": tiles_loc.uri, "classes": classes, "seeds": e.seeds, "synthetic": synthetic or {},
+              "synthetic_ratio": e.synthetic_ratio, "downstream": cfg.to_dict()["downstream"], "arms": table,
+              "runs": runs,
+              "test_tiles": int(len(test_y)), "val_tiles": int(len(val_y)), "real_train_tiles": int(len(train_y))}
+    if judge and synthetic_sets:
+        result["generation"] = generation_metrics(cfg, judge, synthetic_sets, val_x, val_y, classes)
+    write_atomic(out.join("evaluation.json"), json.dumps(result, indent=1, sort_keys=True, default=_jsonable).encode())
+    write_atomic(out.join("table.md"), results_table(result).encode())
+    return result
+
+
+def _unit_ci(values: list[float]) -> dict:
+    """mean_ci for a score in [0, 1]: the t-interval, clipped to [0, 1] (with few seeds it can
+    reach past the bounds)."""
+    from histodiff_ray.metrics import mean_ci
+
+    ci = mean_ci(values)
+    if ci["ci_low"] is not None:
+        ci["ci_low"], ci["ci_high"] = max(0.0, ci["ci_low"]), min(1.0, ci["ci_high"])
+    return ci
+
+
+def _gather(refs: list) -> list[dict]:
+    import ray
+    from tqdm import tqdm
+
+    results, pending = [], list(refs)
+    with tqdm(total=len(refs), desc="evaluate", unit="run") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results.append(ray.get(done[0]))
+            bar.update(1)
+    return sorted(results, key=lambda r: (r["arm"], r["seed"]))
+
+
+def generation_metrics(cfg: Config, judge: str, synthetic_sets: dict, val_x: np.ndarray, val_y: np.ndarray, classes: list[str]) -> dict:
+    """FID, KID and precision/recall of each synthetic set against the real val tiles, per class and
+    overall, on the judge's penultimate features."""
+    from histodiff_ray.downstream import predict
+    from histodiff_ray.judge import load_judge
+    from histodiff_ray.metrics import fid, kid, precision_recall
+
+    model, config, _ = load_judge(judge, cfg.storage)
+    _, real = predict(model, val_x)
+    out = {"features": f"penultimate layer of the judge at {judge} ({config['architecture']}, trained here on the real labeled tiles)"}
+    for name, (syn_x, syn_y) in synthetic_sets.items():
+        _, fake = predict(model, syn_x)
+        per = {}
+        for c, cname in [(None, "all")] + list(enumerate(classes)):
+            r = real if c is None else real[val_y == c]
+            f = fake if c is None else fake[syn_y == c]
+            if len(f) < 2 or len(r) < 2:
+                per[cname] = {"n_real": int(len(r)), "n_synthetic": int(len(f))}
+                continue
+            kid_mean, kid_sd = kid(r, f, subset_size=min(len(r), len(f), 100))
+            precision, recall = precision_recall(r, f, k=min(3, len(f) - 1, len(r) - 1))
+            per[cname] = {"fid": float(fid(r, f)), "kid": float(kid_mean), "kid_sd": float(kid_sd), "precision": float(precision),
+                          "recall": float(recall), "n_real": int(len(r)), "n_synthetic": int(len(f))}
+        out[name] = per
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def _fmt(ci: dict) -> str:
+    if ci["ci_low"] is None:
+        return f"{ci['mean']:.3f}"
+    return f"{ci['mean']:.3f} ± {ci['sd']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+
+
+def results_table(result: dict) -> str:
+    """The accuracy table as Markdown: mean ± sd [95% CI] over seeds, on the test split."""
+    lines = [f"Test split: {result['test_tiles']} tiles; {result['seeds']} seeds per arm; real labeled train tiles: "
+             f"{result['real_train_tiles']}; synthetic ratio {result['synthetic_ratio']}.", "",
+             "| arm | train tiles | accuracy | balanced accuracy | macro-F1 | val macro-F1 |", "|---|---|---|---|---|---|"]
+    for arm, row in result["arms"].items():
+        lines.append(f"| {arm} | {row['train_tiles']} | {_fmt(row['accuracy'])} | {_fmt(row['balanced_accuracy'])} | "
+                     f"{_fmt(row['macro_f1'])} | {_fmt(row['val_macro_f1'])} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,192 @@
+"""`report.html` plus the PNGs it shows, for a pipeline's outputs (local or S3).
+
+Sections: real vs synthetic tiles per class, kept and dropped synthetic examples with the reason,
+selection-score histograms, training curves, the accuracy table with 95% intervals, confusion
+matrices, and generation metrics. The page uses relative image paths only, so the folder can be
+copied anywhere (or served from S3) and opened in a browser.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from histodiff_ray.config import Config
+from histodiff_ray.data.tiles import decode_images, decode_png, load_tile_table, require_manifest
+from histodiff_ray.storage import Location, exists, open_location, read_bytes, write_atomic
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;background:#fff}
+h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
+figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}figcaption{font-size:.85em;color:#555;max-width:520px}
+img{max-width:520px;image-rendering:pixelated;border:1px solid #ddd}.note{color:#555;font-size:.9em}"""
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _grid_png(tiles: np.ndarray, columns: int = 8) -> bytes:
+    from histodiff_ray.ldm import tile_grid
+
+    buf = io.BytesIO()
+    tile_grid(tiles, columns=columns).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _figure(src: str, caption: str) -> str:
+    return f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def build_report(cfg: Config, *, tiles: str, output: str, synthetic: str | None = None, evaluation: str | None = None,
+                 runs: dict[str, str] | None = None, title: str = "histodiff_ray report", notes: list[str] | None = None) -> str:
+    """Write OUTPUT/report.html and OUTPUT/img/*.png; returns the report's URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = open_location(output, cfg.storage)
+    tiles_loc = open_location(tiles, cfg.storage)
+    classes = require_manifest(tiles_loc)["classes"]
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes or []]
+
+    def put(name: str, data: bytes) -> str:
+        write_atomic(out.join("img", name), data)
+        return f"img/{name}"
+
+    # Real vs synthetic, per class.
+    real = load_tile_table(tiles_loc, "train", labeled_only=True)
+    real_labels = real.column("label").to_numpy()
+    index = None
+    if synthetic:
+        syn = open_location(synthetic, cfg.storage)
+        index = pq.read_table(io.BytesIO(read_bytes(syn.join("index.parquet"))))
+    parts.append("<h2>Real and synthetic tiles per class</h2>")
+    for c, name in enumerate(classes):
+        mine = np.flatnonzero(real_labels == c)[:32]
+        if len(mine):
+            src = put(f"real-{name}.png", _grid_png(decode_images(real.column("image").take(mine))))
+            parts.append(_figure(src, f"{name}: real labeled train tiles ({int((real_labels == c).sum())} in all)"))
+        if index is not None:
+            for kept, what in ((True, "kept"), (False, "dropped")):
+                rows = _synthetic_rows(index, c, kept)[:32]
+                if rows:
+                    tiles_np = np.stack([decode_png(b) for b in _synthetic_images(syn, rows)])
+                    reasons = sorted({r["reason"] for r in rows if r["reason"]})
+                    caption = f"{name}: synthetic, {what}" + (f" (reasons: {', '.join(reasons)})" if reasons else "")
+                    parts.append(_figure(put(f"synthetic-{name}-{what}.png", _grid_png(tiles_np)), caption))
+
+    if index is not None:
+        parts.append("<h2>Selection</h2>")
+        summary = json.loads(read_bytes(syn.join("summary.json")))
+        parts.append("<table><tr><th>class</th><th>generated</th><th>kept</th><th>dropped (reason: count)</th></tr>" + "".join(
+            f"<tr><td>{html.escape(n)}</td><td>{c['generated']}</td><td>{c['kept']}</td>"
+            f"<td>{html.escape(', '.join(f'{r}: {k}' for r, k in c['dropped'].items()) or '-')}</td></tr>"
+            for n, c in summary["per_class"].items()) + "</table>")
+        sel = summary["selection"]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+        labels = index.column("label").to_numpy()
+        for ax, column, threshold, xlabel in (
+                (axes[0], "confidence", sel["confidence_threshold"], "judge p(target class)"),
+                (axes[1], "centroid_similarity", None, "cosine similarity to the target centroid"),
+                (axes[2], "real_distance", sel["min_real_distance"] or None, "RMS distance to the nearest real tile")):
+            values = index.column(column).to_numpy()
+            for c, name in enumerate(classes):
+                ax.hist(values[labels == c], bins=20, alpha=0.5, label=name)
+            if threshold is not None:
+                ax.axvline(threshold, color="k", linestyle="--", linewidth=1)
+            ax.set_xlabel(xlabel)
+        axes[0].set_ylabel("synthetic tiles")
+        axes[0].legend(fontsize=7)
+        parts.append(_figure(put("selection-histograms.png", _png(fig)), "selection scores per class (dashed: threshold)"))
+
+    if runs:
+        parts.append("<h2>Training curves</h2>")
+        for name, uri in runs.items():
+            loc = open_location(uri, cfg.storage)
+            if exists(loc.join("curves.png")):
+                parts.append(_figure(put(f"curves-{name}.png", read_bytes(loc.join("curves.png"))), f"{name}: {uri}"))
+
+    if evaluation:
+        result = json.loads(read_bytes(open_location(evaluation, cfg.storage).join("evaluation.json")))
+        parts.append(_evaluation_html(result, put))
+    write_atomic(out.join("report.html"), (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                                           f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>").encode())
+    return out.join("report.html").uri
+
+
+def _synthetic_rows(index, label: int, kept: bool) -> list[dict]:
+    mask = (index.column("label").to_numpy() == label) & (index.column("kept").to_numpy(zero_copy_only=False) == kept)
+    return index.filter(mask).select(["tile_id", "shard", "reason"]).to_pylist()
+
+
+def _synthetic_images(syn: Location, rows: list[dict]) -> list[bytes]:
+    found = {}
+    for shard in sorted({r["shard"] for r in rows}):
+        t = pq.read_table(syn.join("shards", f"{shard}.parquet").path, filesystem=syn.filesystem, columns=["tile_id", "image"])
+        found.update(zip(*t.to_pydict().values()))
+    return [found[r["tile_id"]] for r in rows]
+
+
+def _ci(ci: dict) -> str:
+    if ci.get("ci_low") is None:
+        return f"{ci['mean']:.3f}"
+    return f"{ci['mean']:.3f} ± {ci['sd']:.3f}<br><small>[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]</small>"
+
+
+def _evaluation_html(result: dict, put) -> str:
+    import matplotlib.pyplot as plt
+
+    classes = result["classes"]
+    rows = "".join(
+        f"<tr><td>{html.escape(arm)}</td><td>{r['train_tiles']}</td><td>{_ci(r['accuracy'])}</td><td>{_ci(r['balanced_accuracy'])}</td>"
+        f"<td>{_ci(r['macro_f1'])}</td><td>{_ci(r['val_macro_f1'])}</td></tr>" for arm, r in result["arms"].items())
+    parts = ["<h2>Downstream accuracy (test split)</h2>",
+             f"<p class='note'>{result['seeds']} seeds per arm; mean ± sd and a 95% t-interval over seeds. "
+             f"Test tiles: {result['test_tiles']}; real labeled train tiles: {result['real_train_tiles']}. "
+             "Epochs were chosen on val macro-F1; each model read the test split once, after training.</p>",
+             "<table><tr><th>arm</th><th>train tiles</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th>"
+             f"<th>val macro-F1</th></tr>{rows}</table>"]
+    arms = list(result["arms"])
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 3))
+    for ax, arm in zip(np.atleast_1d(axes), arms):
+        m = np.array(result["arms"][arm]["confusion"], dtype=float)
+        norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7, color="k" if norm[i, j] < 0.6 else "w")
+        ax.set_xticks(range(len(classes)), classes, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set_title(arm, fontsize=8)
+        ax.set_xlabel("predicted", fontsize=7)
+    np.atleast_1d(axes)[0].set_ylabel("true", fontsize=7)
+    parts.append(_figure(put("confusion.png", _png(fig)), "confusion matrices on the test split, summed over seeds (row-normalised colour)"))
+    recall_rows = "".join(f"<tr><td>{html.escape(arm)}</td>" + "".join(
+        f"<td>{v:.3f}</td>" if v == v else "<td>-</td>" for v in r["per_class_recall"].values()) + "</tr>"
+                          for arm, r in result["arms"].items())
+    parts.append("<table><tr><th>recall per class</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in classes) + f"</tr>{recall_rows}</table>")
+    generation = result.get("generation")
+    if generation:
+        parts.append(f"<h2>Generation metrics</h2><p class='note'>Features: {html.escape(generation['features'])}. "
+                     "Synthetic (kept) vs real val tiles. Small samples bias FID upwards; KID is unbiased.</p>")
+        for name, per in generation.items():
+            if name == "features":
+                continue
+            parts.append(f"<h3>{html.escape(name)}</h3><table><tr><th>class</th><th>FID</th><th>KID</th><th>precision</th>"
+                         "<th>recall</th><th>n real</th><th>n synthetic</th></tr>" + "".join(
+                             f"<tr><td>{html.escape(c)}</td>" + "".join(
+                                 f"<td>{v[k]:.3f}</td>" if k in v else "<td>-</td>" for k in ("fid", "kid", "precision", "recall"))
+                             + f"<td>{v['n_real']}</td><td>{v['n_synthetic']}</td></tr>" for c, v in per.items()) + "</table>")
+    return "".join(parts)

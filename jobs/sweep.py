@@ -1,0 +1,13 @@
+"""`histodiff sweep` as a Ray job (same code as the CLI).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/sweep.py --config configs/paper.yaml ...
+
+`python jobs/sweep.py --help` lists the arguments.
+"""
+
+import sys
+
+from histodiff_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["sweep", *sys.argv[1:]]))
