@@ -38,7 +38,8 @@ DEMO_OVERRIDES = [
     "diffusion.max_steps=40", "diffusion.warmup_steps=5", "diffusion.checkpoint_every=40", "diffusion.log_every=10",
     "diffusion.finetune_steps=20", "diffusion.finetune_warmup_steps=2",
     "classifier.max_steps=40", "classifier.checkpoint_every=40", "classifier.log_every=10", "classifier.warmup_steps=5",
-    "downstream.epochs=4", "downstream.patience=2", "generate.per_class=16", "generate.shard_size=16", "sampling.ddim_steps=20",
+    "downstream.epochs=4", "downstream.patience=2", "generate.per_class=16", "generate.shard_size=16", "generate.compile=false",
+    "sampling.ddim_steps=20",
     "selection.confidence_threshold=0.6", "evaluate.seeds=2", "evaluate.synthetic_ratio=0.25",
 ]
 

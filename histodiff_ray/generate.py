@@ -90,7 +90,7 @@ def make_plan(cfg: Config, classes: list[str], per_class: int, sources: dict) ->
 class Synthesizer:
     """A Ray Data callable class: models are loaded once per actor; each call makes whole shards."""
 
-    def __init__(self, plan: dict, out: str, storage: dict, real_thumbs, threads: int):
+    def __init__(self, plan: dict, out: str, storage: dict, real_thumbs, threads: int, compile_unet: bool = False):
         import tempfile
 
         import ray
@@ -107,6 +107,8 @@ class Synthesizer:
         src = plan["sources"]
         self.plan, self.out = plan, open_location(out, st)
         self.ldm = LatentDiffusion.from_run(open_location(src["ldm"], st))
+        if compile_unet:  # compiled once per actor and shard size; pays off over long jobs
+            self.ldm.unet = torch.compile(self.ldm.unet)
         local = download_dir(open_location(src["classifier"], st).join("model", "classifier"), tempfile.mkdtemp(prefix="guide-"))
         self.guide = NoiseAwareClassifier.from_pretrained(local).to(self.ldm.device).eval().requires_grad_(False)
         self.judge, _, self.centroids = load_judge(src["judge"], st)
@@ -200,7 +202,7 @@ def generate(cfg: Config, *, ldm: str, classifier: str, judge: str, tiles: str, 
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             Synthesizer,
             fn_constructor_kwargs={"plan": plan, "out": out.uri, "storage": _storage_dict(cfg), "real_thumbs": thumbs,
-                                   "threads": g.threads_per_actor},
+                                   "threads": g.threads_per_actor, "compile_unet": g.compile},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=g.actors),
             num_cpus=cfg.ray.cpus_per_worker,

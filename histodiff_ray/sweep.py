@@ -9,9 +9,9 @@ resumable and keyed by its plan, so a set is made once — then applies its thre
 trains a short downstream classifier on real + selected synthetic tiles. The objective is the val
 macro-F1 (the test split is never read); ASHA stops weak trials after their first epochs.
 
-Trials run one at a time (``max_concurrent_trials=1``) and hold no CPU themselves: the generate
-actors and Ray Data tasks inside a trial need the cluster's CPUs, and on a 2-core machine a trial
-that reserved a core would wait forever for them. On a GPU cluster, raise ``sweep.concurrency``.
+Trials run one at a time (``max_concurrent_trials=1``) and hold a token 0.01 CPU (Tune needs a
+non-empty request): the generate actors and Ray Data tasks inside a trial need the cluster's
+CPUs, and on a 2-core machine a trial that reserved a core would wait forever for them. On a GPU cluster, raise ``sweep.concurrency``.
 
 Writes ``OUT/trials.csv`` (one row per trial) and ``OUT/best.yaml``, a complete config with the
 best values that ``histodiff generate --config OUT/best.yaml`` and ``evaluate`` take as they are.
@@ -87,7 +87,7 @@ def sweep(cfg: Config, *, tiles: str, ldm: str, classifier: str, judge: str, out
     }
     parent, name = out.path.rstrip("/").rsplit("/", 1)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(ray.tune.with_parameters(trial, storage=dataclasses.asdict(cfg.storage)), {"cpu": 0}),
+        ray.tune.with_resources(ray.tune.with_parameters(trial, storage=dataclasses.asdict(cfg.storage)), {"cpu": 0.01}),
         param_space=space,
         tune_config=ray.tune.TuneConfig(
             metric="val_macro_f1", mode="max", num_samples=s.trials, max_concurrent_trials=s.concurrency,

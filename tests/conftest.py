@@ -145,7 +145,7 @@ def ray_head(tmp_path_factory, s3):
 GEN = ["diffusion.max_steps=2", "classifier.width=32", "classifier.channel_mult=1,2", "classifier.attention_resolutions=2",
        "classifier.max_steps=4", "classifier.checkpoint_every=4", "classifier.log_every=2", "classifier.warmup_steps=0",
        "downstream.epochs=2", "downstream.batch_size=16", "generate.shard_size=2", "generate.actors=2",
-       "sampling.ddim_steps=20", "selection.confidence_threshold=0.5"]
+       "sampling.ddim_steps=20", "selection.confidence_threshold=0.5", "generate.compile=false"]
 
 
 @pytest.fixture(scope="session")

@@ -43,3 +43,9 @@ def test_cli_help_explains_every_subcommand():
 def test_every_job_entrypoint_runs_its_stage(job):
     out = subprocess.run([sys.executable, str(REPO / "jobs" / job), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--config" in out.stdout and "KEY=VALUE" in out.stdout
+
+
+def test_no_job_file_shadows_a_standard_module():
+    """`python jobs/X.py` puts jobs/ first on sys.path: a jobs/select.py would replace the standard
+    library's `select` for everything the job imports."""
+    assert not {p.stem for p in (REPO / "jobs").glob("*.py")} & set(sys.stdlib_module_names)

@@ -14,7 +14,7 @@ from tests.conftest import GEN, TINY
 from tests.data.test_ingest import make_labeled_input
 
 BIN = Path(sys.executable).parent
-FAST = ["evaluate.seeds=1", "evaluate.cpus_per_run=0.5", "generate.per_class=4", "sampling.ddim_steps=4",
+FAST = ["ray.num_workers=1", "evaluate.seeds=1", "evaluate.cpus_per_run=0.5", "generate.per_class=4", "sampling.ddim_steps=4",
         "diffusion.finetune_steps=2", "diffusion.finetune_warmup_steps=0"]
 
 

@@ -12,9 +12,13 @@ LATENT_SIZE = CPU.data.tile_size // CPU.autoencoder.downsample_factor  # 16
 LATENT_CHANNELS = CPU.autoencoder.latent_channels  # 4
 
 
+# Fixed sizes, so the expected shapes below do not follow edits of the cpu profile.
+SIZES = ["classifier.width=64", "classifier.num_heads=4", "classifier.channel_mult=1,2,2", "classifier.attention_resolutions=4"]
+
+
 def cpu_classifier(pool="attention", seed=0):
     torch.manual_seed(seed)
-    cfg = load_config("cpu", [f"classifier.pool={pool}"]).classifier
+    cfg = load_config("cpu", SIZES + [f"classifier.pool={pool}"]).classifier
     return build_classifier(cfg, LATENT_CHANNELS, LATENT_SIZE, num_classes=5).eval()
 
 
@@ -30,7 +34,7 @@ def test_cpu_profile_shapes_and_forward_is_head_of_features(pool):
     z, t = inputs()
     with torch.no_grad():
         logits, feats = model(z, t), model.features(z, t)
-    width, mult = CPU.classifier.width, CPU.classifier.channel_mult
+    width, mult = 64, [1, 2, 2]
     assert logits.shape == (8, 5) and logits.dtype == torch.float32
     assert feats.shape == (8, width * mult[-1]) == (8, model.feature_dim)
     assert torch.isfinite(logits).all()
@@ -99,7 +103,7 @@ def test_paper_profile_builds_guided_diffusion_levels():
         ("classifier.channel_mult=[1, 0, 2]", "classifier.channel_mult"),
         ("classifier.channel_mult=[1, 2, 2, 2, 2, 2]", "classifier.channel_mult"),  # 5 halvings of 16
         ("classifier.num_heads=0", "classifier.num_heads"),
-        ("classifier.num_heads=3", "classifier.num_heads"),  # does not divide width 64
+        ("classifier.num_heads=5", "classifier.num_heads"),  # does not divide the width
         ("classifier.attention_resolutions=[8]", "classifier.attention_resolutions"),  # only rates 1, 2, 4
     ],
 )
@@ -109,5 +113,6 @@ def test_config_rejects_bad_values_naming_the_key(override, key):
 
 
 def test_config_accepts_good_values():
-    cfg = load_config("cpu", ["classifier.channel_mult=1,2", "classifier.num_heads=8", "classifier.attention_resolutions=[1,2]"])
+    cfg = load_config("cpu", ["classifier.width=64", "classifier.channel_mult=1,2", "classifier.num_heads=8",
+                              "classifier.attention_resolutions=[1,2]"])
     assert cfg.classifier.channel_mult == [1, 2] and cfg.classifier.num_heads == 8

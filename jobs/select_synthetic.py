@@ -1,0 +1,13 @@
+"""`histodiff select` as a Ray job (same code as the CLI).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/select_synthetic.py --config configs/paper.yaml ...
+
+`python jobs/select_synthetic.py --help` lists the arguments.
+"""
+
+import sys
+
+from histodiff_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["select", *sys.argv[1:]]))
