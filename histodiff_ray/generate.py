@@ -24,10 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import json
-import math
-import time
 
 import numpy as np
 import pyarrow as pa

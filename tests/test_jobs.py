@@ -1,9 +1,7 @@
 """The thin `jobs/` entrypoints, submitted with `ray job submit` to a real local head node."""
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
