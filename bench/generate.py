@@ -1,15 +1,16 @@
 """Class-guided generation throughput: three ratios from one run.
 
-    .venv/bin/python bench/generate.py [--per-class 64] [--steps 50] [--config cpu] [KEY=VALUE ...]
+    .venv/bin/python bench/generate.py [--per-class 64] [--iterations 2] [--rounds 3] [--config cpu] [KEY=VALUE ...]
 
 (a) guided vs unguided: our DDIM sampler with and without classifier guidance, same batch
     (generate.shard_size), one torch thread, the UNet compiled when generate.compile is set (as
     the actors do; compilation not timed), tiles/s. Goal: guidance overhead <= 25 %.
 (b) against the official HistoDiffAug sampler's scheme (sample_diffusion.py): every loop iteration
     draws two guided batches with the same DDIM sampler and keeps one (`make_convolutional_sample`
-    once for its log, then `run` again), 50 steps, one process using every core, each kept tile
-    saved as a PNG. Ours is `histodiff generate` end to end (actor pool, judge scoring, memorization
-    audit, Parquet shards, selection, PNGs). Goal >= 3x.
+    once for its log, then `run` again), 50 steps, models in PyTorch's default layout (ours are
+    channels-last), one process using every core, each kept tile saved as a PNG. Ours is
+    `histodiff generate` end to end (actor pool, judge scoring, memorization audit, Parquet shards,
+    selection, PNGs). Goal >= 3x.
 (c) `histodiff generate` with 2 actors vs 1 actor, one torch thread each. Goal >= 1.8x.
 
 The generate runs are timed whole, each actor's model loading and compilation included.
@@ -80,7 +81,8 @@ def sampler_rate(args_, cfg, guided: bool, batch: int) -> float:
 
     torch.set_num_threads(1)
     ldm = LatentDiffusion.from_run(open_location(args_["ldm"], cfg.storage), device="cpu")
-    guide = NoiseAwareClassifier.from_pretrained(f"{args_['classifier']}/model/classifier").eval().requires_grad_(False)
+    guide = (NoiseAwareClassifier.from_pretrained(f"{args_['classifier']}/model/classifier")
+             .to(memory_format=torch.channels_last).eval().requires_grad_(False))  # as the generate actors load it
     cond = classifier_cond_fn(guide, torch.zeros(batch, dtype=torch.long)) if guided else None
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
     if cfg.generate.compile:  # as the generate actors do; the compilation is left out of the timing
@@ -104,6 +106,8 @@ def official_scheme_rate(args_, cfg, batch: int, iterations: int, out: Path) -> 
 
     torch.set_num_threads(os.cpu_count() or 1)
     ldm = LatentDiffusion.from_run(open_location(args_["ldm"], cfg.storage), device="cpu")
+    # The official code keeps its models in PyTorch's default (contiguous) layout.
+    ldm.unet, ldm.vae = ldm.unet.to(memory_format=torch.contiguous_format), ldm.vae.to(memory_format=torch.contiguous_format)
     classifier = NoiseAwareClassifier.from_pretrained(f"{args_['classifier']}/model/classifier").eval()
     y = torch.zeros(batch, dtype=torch.long)
 

@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="downstream classifiers on real / real+aug / real+aug+synthetic, k seeds each",
                        description="Train the downstream classifier (downstream.arch) per arm and seed as Ray tasks; the epoch is "
                                    "chosen on val, the test split read once per model at the end. Writes OUT/evaluation.json and "
-                                   "OUT/table.md (mean ± sd and 95%% CI over seeds), and with --judge the FID/KID/precision/recall "
+                                   "OUT/table.md (mean ± sd and 95% CI over seeds), and with --judge the FID/KID/precision/recall "
                                    "of each synthetic set against real val tiles on the judge's features.")
     p.add_argument("--tiles", required=True, help="the labeled tile set (train labels, val, test)")
     p.add_argument("--synthetic", action="append", metavar="[NAME=]URI", help="a generate output; repeat to compare several")

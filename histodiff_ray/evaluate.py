@@ -10,7 +10,8 @@ Arms, each trained for ``evaluate.seeds`` seeds with the same downstream model a
 * ``real+aug+syn:NAME``: classic augmentation plus the kept synthetic tiles of a generate output,
   ``evaluate.synthetic_ratio`` × the real count, per class in proportion to the real tiles.
 
-Each (arm, seed) trains as a Ray task. Model selection (the epoch, early stopping) reads only the
+Each (arm, seed) trains as a Ray task and is stored under ``OUT/runs/`` as it finishes: a rerun
+after a kill trains only the missing ones. Model selection (the epoch, early stopping) reads only the
 val split; each model sees the test split once, after its training has finished, and nothing
 downstream of that choice reads test results. Reported per arm: accuracy, balanced accuracy,
 macro-F1 (mean ± sd and a 95% t-interval over seeds), per-class recall and the confusion matrix
@@ -21,6 +22,7 @@ in-domain network trained here on the real labeled tiles; no Inception weights c
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -31,7 +33,7 @@ import pyarrow.parquet as pq
 from histodiff_ray.config import Config, SelectionConfig
 from histodiff_ray.data.tiles import decode_images, load_tile_table, require_manifest
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.storage import open_location, read_bytes, write_atomic
+from histodiff_ray.storage import exists, open_location, read_bytes, write_atomic
 
 
 def load_synthetic(cfg: Config, uri: str, real_counts: np.ndarray, ratio: float,
@@ -60,14 +62,10 @@ def load_synthetic(cfg: Config, uri: str, real_counts: np.ndarray, ratio: float,
         if wanted.get(row["label"], 0) > 0:
             chosen.append(row)
             wanted[row["label"]] -= 1
-    images, labels = [], []
-    for shard in sorted({r["shard"] for r in chosen}):
-        ids = {r["tile_id"] for r in chosen if r["shard"] == shard}
-        table = pq.read_table(out.join("shards", f"{shard}.parquet").path, filesystem=out.filesystem, columns=["tile_id", "image", "label"])
-        for tile_id, image, label in zip(*table.to_pydict().values()):
-            if tile_id in ids:
-                images.append(image)
-                labels.append(label)
+    from histodiff_ray.generate import read_tile_images
+
+    images = read_tile_images(out, [r["tile_id"] for r in chosen], [r["shard"] for r in chosen])
+    labels = [r["label"] for r in chosen]
     short = {c: n for c, n in wanted.items() if n > 0}
     if short:
         print(f"[evaluate] {uri}: not enough kept tiles for classes {short} (missing count); using what there is", flush=True)
@@ -103,7 +101,8 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
 
     e = cfg.evaluate
     tiles_loc, out = open_location(tiles, cfg.storage), open_location(output, cfg.storage)
-    classes = require_manifest(tiles_loc)["classes"]
+    manifest = require_manifest(tiles_loc)
+    classes = manifest["classes"]
     splits = {}
     for split, labeled_only in (("train", True), ("val", False), ("test", False)):
         table = load_tile_table(tiles_loc, split, labeled_only=labeled_only)
@@ -112,22 +111,42 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
             raise HistodiffError(f"evaluate: {tiles} has no {'labeled ' if labeled_only else ''}{split} tiles")
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits["train"], splits["val"], splits["test"]
     real_counts = np.bincount(train_y, minlength=len(classes))
-    arms = {"real": (train_x, train_y, False), "real+aug": (train_x, train_y, True)}
+    # arm → (tiles, labels, classic augmentation, the synthetic set's identity)
+    arms = {"real": (train_x, train_y, False, None), "real+aug": (train_x, train_y, True, None)}
     synthetic_sets = {}
     for name, uri in (synthetic or {}).items():
         syn_x, syn_y = load_synthetic(cfg, uri, real_counts, e.synthetic_ratio)
         synthetic_sets[name] = (syn_x, syn_y)
-        arms[f"real+aug+syn:{name}"] = (np.concatenate([train_x, syn_x]), np.concatenate([train_y, syn_y]), True)
+        index_digest = _digest(read_bytes(open_location(uri, cfg.storage).join("index.parquet")))  # a re-selection changes it
+        arms[f"real+aug+syn:{name}"] = (np.concatenate([train_x, syn_x]), np.concatenate([train_y, syn_y]), True, (uri, index_digest))
 
-    init_ray(cfg)
-    task = ray.remote(num_cpus=e.cpus_per_run)(_train_and_test)
-    val_ref, test_ref = ray.put((val_x, val_y)), ray.put((test_x, test_y))
-    refs = []
-    for arm, (x, y, augment) in arms.items():
-        data = ray.put((x, y))
+    # Each finished (arm, seed) is stored under a key of everything it depends on, so a rerun after
+    # a kill trains only the missing ones.
+    todo, runs = {}, []
+    tiles_digest = _digest(json.dumps(manifest, sort_keys=True).encode())
+    for arm in arms:
         for seed in range(e.seeds):
-            refs.append(task.remote(cfg.to_dict(), arm, seed, data, val_ref, test_ref, augment))
-    runs = _gather(refs)
+            key = _digest(json.dumps({"tiles": tiles_digest, "arm": arm, "synthetic": arms[arm][3], "seed": seed,
+                                      "ratio": e.synthetic_ratio, "downstream": cfg.to_dict()["downstream"]}, sort_keys=True).encode())
+            stored = out.join("runs", f"{key}.json")
+            if exists(stored):
+                runs.append(json.loads(read_bytes(stored)))
+            else:
+                todo[(arm, seed)] = stored
+    if runs:
+        print(f"[evaluate] {len(runs)} of {len(runs) + len(todo)} runs finished before: reused", flush=True)
+    if todo:
+        init_ray(cfg)
+        task = ray.remote(num_cpus=e.cpus_per_run)(_train_and_test)
+        val_ref, test_ref = ray.put((val_x, val_y)), ray.put((test_x, test_y))
+        refs = {}
+        for arm, (x, y, augment, _) in arms.items():
+            data = ray.put((x, y))
+            for seed in range(e.seeds):
+                if (arm, seed) in todo:
+                    refs[task.remote(cfg.to_dict(), arm, seed, data, val_ref, test_ref, augment)] = todo[(arm, seed)]
+        runs += _gather(refs)
+    runs.sort(key=lambda r: (r["arm"], r["seed"]))
 
     table = {}
     for arm in arms:
@@ -164,7 +183,13 @@ def _unit_ci(values: list[float]) -> dict:
     return ci
 
 
-def _gather(refs: list) -> list[dict]:
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _gather(refs: dict) -> list[dict]:
+    """Results of the task refs as they finish, each stored at once at its location (``refs`` maps
+    ref → location)."""
     import ray
     from tqdm import tqdm
 
@@ -172,9 +197,11 @@ def _gather(refs: list) -> list[dict]:
     with tqdm(total=len(refs), desc="evaluate", unit="run") as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            results.append(ray.get(done[0]))
+            result = ray.get(done[0])
+            write_atomic(refs[done[0]], json.dumps(result, sort_keys=True, default=_jsonable).encode())
+            results.append(result)
             bar.update(1)
-    return sorted(results, key=lambda r: (r["arm"], r["seed"]))
+    return results
 
 
 def generation_metrics(cfg: Config, judge: str, synthetic_sets: dict, val_x: np.ndarray, val_y: np.ndarray, classes: list[str]) -> dict:

@@ -107,7 +107,8 @@ class Synthesizer:
         if compile_unet:  # compiled once per actor and shard size; pays off over long jobs
             self.ldm.unet = torch.compile(self.ldm.unet)
         local = download_dir(open_location(src["classifier"], st).join("model", "classifier"), tempfile.mkdtemp(prefix="guide-"))
-        self.guide = NoiseAwareClassifier.from_pretrained(local).to(self.ldm.device).eval().requires_grad_(False)
+        self.guide = (NoiseAwareClassifier.from_pretrained(local).to(self.ldm.device, memory_format=torch.channels_last)
+                      .eval().requires_grad_(False))
         self.judge, _, self.centroids = load_judge(src["judge"], st)
         self.real_thumbs = ray.get(real_thumbs) if isinstance(real_thumbs, ray.ObjectRef) else real_thumbs
 
@@ -187,7 +188,8 @@ def generate(cfg: Config, *, ldm: str, classifier: str, judge: str, tiles: str, 
     plan = make_plan(cfg, classes, per_class, sources)
     _save_or_check_plan(out, plan)
 
-    done = {name.removesuffix(".parquet") for name in _list(out.join("shards")) if name.endswith(".parquet")}
+    shards = out.join("shards")
+    done = {name.removesuffix(".parquet") for name in (list_files(shards) if exists(shards) else []) if name.endswith(".parquet")}
     todo = [s for s in plan["shards"] if s["shard"] not in done]
     total = sum(s["count"] for s in plan["shards"])
     print(f"[generate] {total} tiles in {len(plan['shards'])} shards; {len(done)} shards already done, {len(todo)} to make", flush=True)
@@ -229,10 +231,6 @@ def _save_or_check_plan(out: Location, plan: dict) -> None:
                              "use a new --output, or delete it to start over")
 
 
-def _list(loc: Location) -> list[str]:
-    return list_files(loc) if exists(loc) else []
-
-
 def load_shards(out: Location, columns: list[str] | None = None) -> pa.Table:
     plan = json.loads(read_bytes(out.join("plan.json")))
     missing = [s["shard"] for s in plan["shards"] if not exists(out.join("shards", f"{s['shard']}.parquet"))]
@@ -242,6 +240,16 @@ def load_shards(out: Location, columns: list[str] | None = None) -> pa.Table:
     tables = [pq.read_table(out.join("shards", f"{s['shard']}.parquet").path, filesystem=out.filesystem, columns=cols)
               for s in plan["shards"]]
     return pa.concat_tables(tables)
+
+
+def read_tile_images(out: Location, tile_ids: list[str], shards: list[str]) -> list[bytes]:
+    """The PNG bytes of ``tile_ids`` (in that order), read from the shards that hold them
+    (``shards[i]`` holds ``tile_ids[i]``), one read per shard."""
+    found: dict[str, bytes] = {}
+    for shard in sorted(set(shards)):
+        table = pq.read_table(out.join("shards", f"{shard}.parquet").path, filesystem=out.filesystem, columns=["tile_id", "image"])
+        found.update(zip(table.column("tile_id").to_pylist(), table.column("image").to_pylist()))
+    return [found[t] for t in tile_ids]
 
 
 def select_synthetic(cfg: Config, output: str, selection: SelectionConfig, *, write_pngs: bool = True) -> dict:
@@ -287,10 +295,7 @@ def _write_pngs_and_grids(out: Location, plan: dict, index: pa.Table, grid_tiles
     grids = {(label, k): [] for label in range(len(plan["classes"])) for k in (True, False)}
     writes = []
     for shard, rows in by_shard.items():
-        images = dict(zip(*pq.read_table(out.join("shards", f"{shard}.parquet").path, filesystem=out.filesystem,
-                                         columns=["tile_id", "image"]).to_pydict().values()))
-        for i in rows:
-            png = images[tile_ids[i]]
+        for i, png in zip(rows, read_tile_images(out, [tile_ids[i] for i in rows], [shard] * len(rows))):
             if kept[i]:
                 writes.append((out.join(index.column("png")[i].as_py()), png))
             bucket = grids[(int(labels[i]), bool(kept[i]))]

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from histodiff_ray.config import Config
 from histodiff_ray.data.tiles import decode_images, decode_png, load_tile_table, require_manifest
-from histodiff_ray.storage import Location, exists, open_location, read_bytes, write_atomic
+from histodiff_ray.generate import read_tile_images
+from histodiff_ray.storage import exists, open_location, read_bytes, write_atomic
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;background:#fff}
 h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}table{border-collapse:collapse;margin:1em 0}
@@ -82,7 +83,8 @@ def build_report(cfg: Config, *, tiles: str, output: str, synthetic: str | None 
             for kept, what in ((True, "kept"), (False, "dropped")):
                 rows = _synthetic_rows(index, c, kept)[:32]
                 if rows:
-                    tiles_np = np.stack([decode_png(b) for b in _synthetic_images(syn, rows)])
+                    pngs = read_tile_images(syn, [r["tile_id"] for r in rows], [r["shard"] for r in rows])
+                    tiles_np = np.stack([decode_png(b) for b in pngs])
                     reasons = sorted({r["reason"] for r in rows if r["reason"]})
                     caption = f"{name}: synthetic, {what}" + (f" (reasons: {', '.join(reasons)})" if reasons else "")
                     parts.append(_figure(put(f"synthetic-{name}-{what}.png", _grid_png(tiles_np)), caption))
@@ -129,14 +131,6 @@ def build_report(cfg: Config, *, tiles: str, output: str, synthetic: str | None 
 def _synthetic_rows(index, label: int, kept: bool) -> list[dict]:
     mask = (index.column("label").to_numpy() == label) & (index.column("kept").to_numpy(zero_copy_only=False) == kept)
     return index.filter(mask).select(["tile_id", "shard", "reason"]).to_pylist()
-
-
-def _synthetic_images(syn: Location, rows: list[dict]) -> list[bytes]:
-    found = {}
-    for shard in sorted({r["shard"] for r in rows}):
-        t = pq.read_table(syn.join("shards", f"{shard}.parquet").path, filesystem=syn.filesystem, columns=["tile_id", "image"])
-        found.update(zip(*t.to_pydict().values()))
-    return [found[r["tile_id"]] for r in rows]
 
 
 def _ci(ci: dict) -> str:

@@ -51,3 +51,27 @@ def test_load_synthetic_takes_kept_tiles_per_class_in_proportion(tiny_models, ti
     x_all, y_all = load_synthetic(cfg, tiny_synthetic, np.array([100, 100]), 1.0,
                                   selection=SelectionConfig(confidence_threshold=0.0, max_per_class=1000))
     assert len(y_all) >= len(kept)
+
+
+def test_a_rerun_reuses_finished_runs_and_trains_only_the_missing_ones(tiny_models, tiny_evaluation, capsys):
+    from histodiff_ray.evaluate import _jsonable, evaluate
+    from histodiff_ray.storage import list_files
+
+    cfg = load_config("cpu", tiny_models["overrides"] + ["evaluate.seeds=2", "evaluate.cpus_per_run=0.5"])
+    out, first = tiny_evaluation
+    runs = open_location(out, cfg.storage).join("runs")
+    stored = list_files(runs)
+    assert len(stored) == 6
+    lost = json.loads(read_bytes(runs.join(stored[0])))
+    runs.filesystem.delete_file(runs.join(stored[0]).path)  # as if the job had been killed before that run finished
+
+    capsys.readouterr()
+    again = evaluate(cfg, tiny_models["args"]["tiles"], out, synthetic={"tiny": first["synthetic"]["tiny"]},
+                     judge=tiny_models["args"]["judge"])
+    assert "[evaluate] 5 of 6 runs finished before: reused" in capsys.readouterr().out
+    assert sorted(list_files(runs)) == sorted(stored)
+    key = (lost["arm"], lost["seed"])
+    assert [(r["arm"], r["seed"]) for r in again["runs"]] == [(r["arm"], r["seed"]) for r in first["runs"]]
+    for old, new in zip(first["runs"], again["runs"]):
+        if (old["arm"], old["seed"]) != key:
+            assert json.loads(json.dumps(old, default=_jsonable)) == new

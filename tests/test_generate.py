@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from histodiff_ray.config import load_config
-from histodiff_ray.storage import list_files, open_location, read_bytes
+from histodiff_ray.storage import exists, list_files, open_location, read_bytes
 
 BIN = Path(sys.executable).parent
 PER_CLASS = 12
@@ -49,13 +49,8 @@ def test_classifier_reports_val_accuracy_per_noise_bucket_and_loads_from_its_fol
 
 
 def _shards(out):
-    return sorted(n for n in list_files(out.join("shards")) if n.endswith(".parquet")) if _exists(out.join("shards")) else []
+    return sorted(n for n in list_files(out.join("shards")) if n.endswith(".parquet")) if exists(out.join("shards")) else []
 
-
-def _exists(loc):
-    from histodiff_ray.storage import exists
-
-    return exists(loc)
 
 
 def _cli(args, overrides, output, env):
