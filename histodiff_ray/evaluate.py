@@ -68,7 +68,10 @@ def load_synthetic(cfg: Config, uri: str, real_counts: np.ndarray, ratio: float,
     labels = [r["label"] for r in chosen]
     short = {c: n for c, n in wanted.items() if n > 0}
     if short:
-        print(f"[evaluate] {uri}: not enough kept tiles for classes {short} (missing count); using what there is", flush=True)
+        names = json.loads(read_bytes(out.join("plan.json")))["classes"]
+        missing = ", ".join(f"{names[c]} {n}" for c, n in short.items())
+        print(f"[evaluate] {uri}: fewer kept tiles than synthetic_ratio × real asks for (missing: {missing}); "
+              "using all there are", flush=True)
     return (decode_images(images) if images else np.zeros((0, cfg.data.tile_size, cfg.data.tile_size, 3), np.uint8),
             np.asarray(labels, np.int64))
 

@@ -120,16 +120,21 @@ def ray_head(tmp_path_factory, s3):
 
     bin_dir = Path(sys.executable).parent
     temp_dir = tmp_path_factory.mktemp("rayhead")
-    gcs, dashboard, client, agent_listen, agent_grpc, metrics, node_manager, object_manager, env_agent = _free_ports(9)
-    worker_lo = 30000 + (os.getpid() % 1000) * 20
     env = {**os.environ, **s3.env(), "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    cmd = [str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_listen}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-           f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-           f"--runtime-env-agent-port={env_agent}", f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 19}",
-           "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--dashboard-host=127.0.0.1"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    for attempt in range(3):  # a port found free may be taken before Ray binds it: new ports, once more
+        gcs, dashboard, client, agent_listen, agent_grpc, metrics, node_manager, object_manager, env_agent = _free_ports(9)
+        worker_lo = 20000 + (os.getpid() + 97 * attempt) % 500 * 20  # below Linux's ephemeral port range
+        cmd = [str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+               f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_listen}",
+               f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+               f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+               f"--runtime-env-agent-port={env_agent}", f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 19}",
+               "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--dashboard-host=127.0.0.1"]
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if started.returncode == 0:
+            break
+    else:
+        pytest.fail(f"ray start --head failed 3 times; last output:\n{started.stdout[-2000:]}\n{started.stderr[-3000:]}")
     yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", env
     # `ray stop` would stop every cluster on the machine; end only this one's processes.
     out = subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split()
