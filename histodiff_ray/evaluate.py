@@ -76,7 +76,8 @@ def load_synthetic(cfg: Config, uri: str, real_counts: np.ndarray, ratio: float,
             np.asarray(labels, np.int64))
 
 
-def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tuple, test: tuple, augment: bool) -> dict:
+def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tuple, test: tuple, augment: bool,
+                    classes: list[str]) -> dict:
     """One (arm, seed): train with early stopping on val, then read the test split once.
     ``train``/``val``/``test`` are (uint8 tiles, labels); Ray resolves them from the object store."""
     import torch
@@ -88,11 +89,11 @@ def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tupl
     torch.set_num_threads(1)
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = train, val, test
     cfg = config_from_dict(cfg_dict)
-    k = int(max(train_y.max(), val_y.max(), test_y.max())) + 1
+    k = len(classes)
     model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, k, seed=seed, augment=augment)
     best = max(history, key=lambda r: r["val_macro_f1"])
     probs, _ = predict(model, test_x)
-    report = classification_report(test_y, probs.argmax(1), k)
+    report = classification_report(test_y, probs.argmax(1), k, class_names=classes)
     return {"arm": arm, "seed": seed, "best_epoch": best["epoch"], "val_macro_f1": best["val_macro_f1"],
             "train_tiles": int(len(train_y)), "history": history, "test": report}
 
@@ -147,7 +148,7 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
             data = ray.put((x, y))
             for seed in range(e.seeds):
                 if (arm, seed) in todo:
-                    refs[task.remote(cfg.to_dict(), arm, seed, data, val_ref, test_ref, augment)] = todo[(arm, seed)]
+                    refs[task.remote(cfg.to_dict(), arm, seed, data, val_ref, test_ref, augment, classes)] = todo[(arm, seed)]
         runs += _gather(refs)
     runs.sort(key=lambda r: (r["arm"], r["seed"]))
 

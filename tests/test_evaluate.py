@@ -18,6 +18,7 @@ def test_evaluate_reports_every_arm_with_intervals_and_generation_metrics(tiny_m
         for metric in ("accuracy", "balanced_accuracy", "macro_f1"):
             ci = row[metric]
             assert ci["n"] == 2 and 0 <= ci["mean"] <= 1 and ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
+        assert list(row["per_class_recall"]) == result["classes"]
         # The confusion matrix is summed over seeds: every test tile once per seed.
         assert sum(map(sum, row["confusion"])) == 2 * result["test_tiles"]
     runs = result["runs"]
