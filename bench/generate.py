@@ -63,8 +63,8 @@ def make_artifacts(cfg, root: Path, tiles_per_class: int = 8) -> dict:
                                                        "latent_shape": [c, side, side], "autoencoder": "random"}))
     build_classifier(cfg.classifier, c, side, len(classes)).save_pretrained(root / "guide" / "model" / "classifier")
     (root / "guide" / "run.json").write_text(json.dumps({"kind": "classifier", "classes": classes}))
-    judge = build_tile_classifier(cfg.downstream.arch, len(classes))
-    save_tile_classifier(judge, cfg.downstream.arch, classes, str(root / "judge"))
+    judge = build_tile_classifier(cfg.downstream.arch, len(classes), cfg.data.tile_size)
+    save_tile_classifier(judge, cfg.downstream.arch, classes, cfg.data.tile_size, str(root / "judge"))
     from safetensors.torch import save_file
 
     save_file({"centroids": torch.randn(len(classes), judge.num_features)}, str(root / "judge" / "centroids.safetensors"))

@@ -235,6 +235,7 @@ def cmd_demo(args) -> None:
     from pathlib import Path
 
     from histodiff_ray.s3server import S3Server
+    from histodiff_ray.storage import download_dir, open_location
 
     # An embedded S3 server (SeaweedFS on loopback), so the demo exercises object storage too.
     with S3Server(Path(args.workdir).absolute() / "s3-server") as server:
@@ -242,7 +243,11 @@ def cmd_demo(args) -> None:
         os.environ.update(server.env())
         cfg = load_config(args.config, overrides + [f"storage.endpoint_url={server.endpoint_url}"])
         print(f"[demo] embedded S3 server at {server.endpoint_url}, bucket histodiff-demo", flush=True)
-        run_demo(cfg, data=args.data, workdir="s3://histodiff-demo/pipeline", local_dir=args.workdir)
+        result = run_demo(cfg, data=args.data, workdir="s3://histodiff-demo/pipeline", local_dir=args.workdir)
+        # The server stops with the demo: a local copy of the report stays readable.
+        local = Path(args.workdir).absolute() / "report"
+        download_dir(open_location(result["report"].rsplit("/", 1)[0], cfg.storage), str(local))
+        print(f"[demo] report copied from S3 to {local / 'report.html'}", flush=True)
 
 
 def cmd_pipeline(args) -> None:

@@ -22,11 +22,17 @@ from histodiff_ray.config import DownstreamConfig
 from histodiff_ray.metrics import macro_f1  # noqa: F401  (sklearn macro-F1, zero_division=0; re-exported)
 
 
-def build_tile_classifier(arch: str, num_classes: int) -> torch.nn.Module:
+def build_tile_classifier(arch: str, num_classes: int, tile_size: int | None) -> torch.nn.Module:
+    """A timm model from random weights. Vision transformers fix their input size when built, so
+    they get ``img_size=tile_size``; convolutional models take any size (and no such argument)."""
     import timm
 
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=tile_size)
+    except TypeError:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     # Channels-last, as to_tensor's NHWC views already are: oneDNN's fast convolution path (~1.15x here).
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes).to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last)
 
 
 def to_tensor(tiles: np.ndarray) -> torch.Tensor:
@@ -78,7 +84,7 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
     """Train on uint8 tiles; returns the model at its best val macro-F1 epoch and the history."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = build_tile_classifier(cfg.arch, num_classes)
+    model = build_tile_classifier(cfg.arch, num_classes, train_x.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_all, y_all = to_tensor(train_x), torch.from_numpy(np.asarray(train_y, dtype=np.int64))
     best, best_state, history, since_best = -1.0, None, [], 0
@@ -114,13 +120,15 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
     return model, history
 
 
-def save_tile_classifier(model: torch.nn.Module, arch: str, classes: list[str], folder: str, extra: dict | None = None) -> None:
+def save_tile_classifier(model: torch.nn.Module, arch: str, classes: list[str], tile_size: int, folder: str,
+                         extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"architecture": arch, "num_classes": len(classes), "classes": classes, **(extra or {})}, f, indent=1)
+        json.dump({"architecture": arch, "num_classes": len(classes), "classes": classes, "tile_size": tile_size, **(extra or {})},
+                  f, indent=1)
 
 
 def load_tile_classifier(folder: str) -> tuple[torch.nn.Module, dict]:
@@ -128,6 +136,6 @@ def load_tile_classifier(folder: str) -> tuple[torch.nn.Module, dict]:
 
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
-    model = build_tile_classifier(config["architecture"], config["num_classes"])
+    model = build_tile_classifier(config["architecture"], config["num_classes"], config.get("tile_size"))
     model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
     return model.eval(), config

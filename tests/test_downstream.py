@@ -47,8 +47,18 @@ def test_training_keeps_the_best_val_epoch_and_survives_save_and_load(tmp_path):
     assert best > 0.9  # colour alone separates the classes
     assert probs.shape == (16, 2) and np.allclose(probs.sum(1), 1, atol=1e-5) and features.shape == (16, model.num_features)
 
-    save_tile_classifier(model, "resnet18", ["H", "E"], str(tmp_path / "clf"))
+    save_tile_classifier(model, "resnet18", ["H", "E"], 32, str(tmp_path / "clf"))
     loaded, config = load_tile_classifier(str(tmp_path / "clf"))
     assert config["classes"] == ["H", "E"]
     np.testing.assert_allclose(predict(loaded, val_x)[0], probs, atol=1e-6)
 
+
+
+def test_a_small_vit_is_selectable_at_the_tile_size(tmp_path):
+    x, y = _two_stains(8, 4)
+    cfg = DownstreamConfig(arch="vit_tiny_patch16_224", epochs=1, patience=1, batch_size=8, lr=1e-3, weight_decay=0.0)
+    model, history = train_tile_classifier(x, y, x, y, cfg, num_classes=2, seed=0)
+    assert len(history) == 1 and model.patch_embed.img_size == (32, 32)
+    save_tile_classifier(model, cfg.arch, ["H", "E"], 32, str(tmp_path / "vit"))
+    loaded, _ = load_tile_classifier(str(tmp_path / "vit"))
+    np.testing.assert_allclose(predict(loaded, x)[0], predict(model, x)[0], atol=1e-5)
