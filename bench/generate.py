@@ -1,6 +1,6 @@
 """Class-guided generation throughput: three ratios from one run.
 
-    .venv/bin/python bench/generate.py [--per-class 64] [--iterations 2] [--rounds 3] [--config cpu] [KEY=VALUE ...]
+    .venv/bin/python bench/generate.py [--per-class 64] [--iterations 2] [--rounds 5] [--config cpu] [KEY=VALUE ...]
 
 (a) guided vs unguided: our DDIM sampler with and without classifier guidance, same batch
     (generate.shard_size), one torch thread, the UNet compiled when generate.compile is set (as
@@ -147,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=64, help="tiles per class in each generate run (c)")
     parser.add_argument("--iterations", type=int, default=2, help="official-scheme loop iterations (b)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating unguided/guided rounds (a); the median counts")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating unguided/guided rounds (a); the median counts")
     parser.add_argument("--config", default="cpu")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
