@@ -18,8 +18,7 @@ from PIL import Image
 from histodiff_ray.config import DiffusionConfig
 from histodiff_ray.diffusion.sampler import ddim_sample
 from histodiff_ray.diffusion.schedule import NoiseSchedule
-from histodiff_ray.storage import Location, download_dir, write_atomic
-from histodiff_ray.train.trainer import read_run_info
+from histodiff_ray.storage import Location, download_dir, read_run_info, write_atomic
 
 
 @dataclass

@@ -14,6 +14,7 @@ whole object, never a partial shard or manifest.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -266,3 +267,11 @@ def download_dir(src: Location, local_dir: str) -> str:
         with open(path, "wb") as out:
             out.write(read_bytes(src.join(rel)))
     return local_dir
+
+
+def read_run_info(run: Location) -> dict:
+    """A finished training run's ``run.json`` (what it is, its config, where its parts came from)."""
+    try:
+        return json.loads(read_bytes(run.join("run.json")))
+    except FileNotFoundError:
+        raise HistodiffError(f"no finished run at {run}: run.json is missing (train it first, or wait for it to finish)") from None

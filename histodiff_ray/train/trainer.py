@@ -26,7 +26,7 @@ from histodiff_ray.data.tiles import read_tiles
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.plots import curves_png
 from histodiff_ray.raycluster import init_ray
-from histodiff_ray.storage import Location, download_dir, open_location, read_bytes, upload_dir, write_atomic
+from histodiff_ray.storage import Location, download_dir, open_location, read_bytes, read_run_info, upload_dir, write_atomic
 from histodiff_ray.train.loops import autoencoder_loop, diffusion_loop
 
 
@@ -111,13 +111,6 @@ def _export(result, run: Location, models: dict[str, str], info: dict, extra_dir
         write_atomic(run.join("curves.png"), curves_png(state["history"], title))
     info = {**info, "step": state["step"], "final_metrics": state["history"][-1] if state["history"] else {}}
     write_atomic(run.join("run.json"), json.dumps(info, indent=1, sort_keys=True).encode())
-
-
-def read_run_info(run: Location) -> dict:
-    try:
-        return json.loads(read_bytes(run.join("run.json")))
-    except FileNotFoundError:
-        raise HistodiffError(f"no finished run at {run}: run.json is missing (train it first, or wait for it to finish)") from None
 
 
 def train_autoencoder(cfg: Config, tiles: list[str], run: str) -> dict:

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from histodiff_ray.config import load_config
-from histodiff_ray.storage import download_dir, list_files, open_location, read_bytes
-from histodiff_ray.train.trainer import pretrain, read_run_info, remove_unregistered_checkpoints
+from histodiff_ray.storage import download_dir, list_files, open_location, read_bytes, read_run_info
+from histodiff_ray.train.trainer import pretrain, remove_unregistered_checkpoints
 
 @pytest.fixture(scope="module")
 def latents(tiny_latents):
