@@ -53,7 +53,6 @@ def test_training_keeps_the_best_val_epoch_and_survives_save_and_load(tmp_path):
     np.testing.assert_allclose(predict(loaded, val_x)[0], probs, atol=1e-6)
 
 
-
 def test_a_small_vit_is_selectable_at_the_tile_size(tmp_path):
     x, y = _two_stains(8, 4)
     cfg = DownstreamConfig(arch="vit_tiny_patch16_224", epochs=1, patience=1, batch_size=8, lr=1e-3, weight_decay=0.0)
