@@ -34,7 +34,7 @@ from histodiff_ray.config import Config, SelectionConfig
 from histodiff_ray.data.images import encode_png
 from histodiff_ray.data.tiles import decode_images, decode_png, load_tile_table, require_manifest
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.storage import Location, exists, list_files, open_location, read_bytes, write_atomic
+from histodiff_ray.storage import Location, exists, list_files, open_location, read_bytes, read_run_info, write_atomic
 
 PLAN_FORMAT = "histodiff-synthetic/1"
 
@@ -106,9 +106,10 @@ class Synthesizer:
         self.ldm = LatentDiffusion.from_run(open_location(src["ldm"], st))
         if compile_unet:  # compiled once per actor and shard size; pays off over long jobs
             self.ldm.unet = torch.compile(self.ldm.unet)
-        local = download_dir(open_location(src["classifier"], st).join("model", "classifier"), tempfile.mkdtemp(prefix="guide-"))
-        self.guide = (NoiseAwareClassifier.from_pretrained(local).to(self.ldm.device, memory_format=torch.channels_last)
-                      .eval().requires_grad_(False))
+        with tempfile.TemporaryDirectory(prefix="guide-") as tmp:
+            local = download_dir(open_location(src["classifier"], st).join("model", "classifier"), tmp)
+            self.guide = (NoiseAwareClassifier.from_pretrained(local).to(self.ldm.device, memory_format=torch.channels_last)
+                          .eval().requires_grad_(False))
         self.judge, _, self.centroids = load_judge(src["judge"], st)
         self.real_thumbs = ray.get(real_thumbs) if isinstance(real_thumbs, ray.ObjectRef) else real_thumbs
 
@@ -166,7 +167,6 @@ def generate(cfg: Config, *, ldm: str, classifier: str, judge: str, tiles: str, 
     import ray.data
 
     from histodiff_ray.data.latents import _storage_dict
-    from histodiff_ray.judge import load_judge
     from histodiff_ray.raycluster import init_ray
     from histodiff_ray.selection import box_thumbnails
 
@@ -175,10 +175,13 @@ def generate(cfg: Config, *, ldm: str, classifier: str, judge: str, tiles: str, 
     classes = require_manifest(tiles_loc)["classes"]
     per_class = per_class or cfg.generate.per_class
     ldm_loc, clf_loc = open_location(ldm, cfg.storage), open_location(classifier, cfg.storage)
-    guide_info = json.loads(read_bytes(clf_loc.join("run.json")))
+    guide_info = read_run_info(clf_loc)
     if guide_info.get("classes") != classes:
         raise HistodiffError(f"the classifier at {classifier} knows classes {guide_info.get('classes')}, the tile set {tiles} has {classes}")
-    _, judge_config, _ = load_judge(judge, cfg.storage)
+    try:  # the judge's config alone: its weights are loaded by the actors, not the driver
+        judge_config = json.loads(read_bytes(open_location(judge, cfg.storage).join("config.json")))
+    except FileNotFoundError:
+        raise HistodiffError(f"no judge at {judge}: its config.json is missing (train one with `histodiff train-judge`)") from None
     if judge_config["classes"] != classes:
         raise HistodiffError(f"the judge at {judge} knows classes {judge_config['classes']}, the tile set {tiles} has {classes}")
     sources = {"ldm": ldm_loc.uri, "ldm_sha256": sha256_of(ldm_loc.join("model", "unet", "diffusion_pytorch_model.safetensors")),

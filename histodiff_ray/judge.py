@@ -67,7 +67,8 @@ def load_judge(judge_dir: str, storage) -> tuple[torch.nn.Module, dict, np.ndarr
     """(model, config, centroids K×D) from a judge folder, local or S3."""
     from safetensors.torch import load_file
 
-    local = download_dir(open_location(judge_dir, storage), tempfile.mkdtemp(prefix="judge-"))
-    model, config = load_tile_classifier(local)
-    centroids = load_file(os.path.join(local, "centroids.safetensors"))["centroids"].numpy()
+    with tempfile.TemporaryDirectory(prefix="judge-") as tmp:
+        local = download_dir(open_location(judge_dir, storage), tmp)
+        model, config = load_tile_classifier(local)
+        centroids = load_file(os.path.join(local, "centroids.safetensors"))["centroids"].numpy()
     return model, config, centroids

@@ -36,10 +36,11 @@ class LatentDiffusion:
 
         info = read_run_info(run)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        local = download_dir(run.join("model"), tempfile.mkdtemp(prefix="ldm-"))
-        # Channels-last: oneDNN's (CPU) and cuDNN's fast convolution path; 1.2-1.5x faster sampling here.
-        unet = UNet2DModel.from_pretrained(f"{local}/unet", use_safetensors=True).to(dev, memory_format=torch.channels_last).eval()
-        vae = AutoencoderKL.from_pretrained(f"{local}/vae", use_safetensors=True).to(dev, memory_format=torch.channels_last).eval()
+        with tempfile.TemporaryDirectory(prefix="ldm-") as tmp:  # S3 weights are copied here, read, and deleted
+            local = download_dir(run.join("model"), tmp)
+            # Channels-last: oneDNN's (CPU) and cuDNN's fast convolution path; 1.2-1.5x faster sampling here.
+            unet = UNet2DModel.from_pretrained(f"{local}/unet", use_safetensors=True).to(dev, memory_format=torch.channels_last).eval()
+            vae = AutoencoderKL.from_pretrained(f"{local}/vae", use_safetensors=True).to(dev, memory_format=torch.channels_last).eval()
         d = info["config"]["diffusion"]
         schedule = NoiseSchedule.from_config(DiffusionConfig(**d))
         return cls(unet, vae, schedule, float(info["scale_factor"]), tuple(info["latent_shape"]), dev)

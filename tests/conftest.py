@@ -155,7 +155,11 @@ GEN = ["diffusion.max_steps=2", "classifier.width=32", "classifier.channel_mult=
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_latents):
-    """A 2-step latent diffusion run, the classifier that guides it and the judge, on the S3 server."""
+    """A 2-step latent diffusion run, the classifier that guides it and the judge, on the S3 server;
+    ``leftover_checkpoints`` lists the local checkpoint folders their training left behind."""
+    import glob
+    import tempfile
+
     from histodiff_ray.config import load_config
     from histodiff_ray.judge import train_judge
     from histodiff_ray.train.trainer import pretrain, train_classifier
@@ -164,11 +168,15 @@ def tiny_models(tiny_latents):
     overrides = overrides + GEN
     cfg = load_config("cpu", overrides)
     root = f"s3://{bucket}/gen"
+    checkpoints = os.path.join(tempfile.gettempdir(), "ckpt-*")  # where the Train workers (this machine) write them
+    before = set(glob.glob(checkpoints))
     pretrain(cfg, [(f"s3://{bucket}/latents", 1.0)], f"{root}/ldm")
     info = train_classifier(cfg, f"s3://{bucket}/latents", f"{root}/ldm", f"{root}/classifier")
+    leftover = sorted(set(glob.glob(checkpoints)) - before)
     judge = train_judge(cfg, f"s3://{bucket}/tiles", f"{root}/judge")
     args = {"ldm": f"{root}/ldm", "classifier": f"{root}/classifier", "judge": f"{root}/judge", "tiles": f"s3://{bucket}/tiles"}
-    return {"overrides": overrides, "root": root, "args": args, "classifier_info": info, "judge": judge}
+    return {"overrides": overrides, "root": root, "args": args, "classifier_info": info, "judge": judge,
+            "leftover_checkpoints": leftover}
 
 
 @pytest.fixture(scope="session")

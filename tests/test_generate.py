@@ -28,6 +28,11 @@ def models(tiny_models):
     return load_config("cpu", t["overrides"]), t["overrides"], t["root"], t["args"], t["classifier_info"], t["judge"]
 
 
+def test_training_leaves_no_local_checkpoint_folder(tiny_models):
+    # Each checkpoint is written to a local folder, then uploaded to the run's storage (S3 here).
+    assert tiny_models["leftover_checkpoints"] == []
+
+
 def test_classifier_reports_val_accuracy_per_noise_bucket_and_loads_from_its_folder(models):
     import tempfile
 
@@ -115,6 +120,26 @@ def test_generate_killed_half_way_then_rerun_gives_exactly_the_uninterrupted_set
         assert Image.open(io.BytesIO(read_bytes(out.join("synthetic", name)))).size == (64, 64)
     summary = json.loads(read_bytes(out.join("summary.json")))
     assert summary["tiles"] == 2 * PER_CLASS and summary["kept"] == sum(kept)
+
+
+def test_loading_the_models_from_s3_leaves_no_copy_on_local_disk(models, tmp_path, monkeypatch):
+    import dataclasses
+    import tempfile
+
+    import torch
+
+    from histodiff_ray.generate import Synthesizer, make_plan
+
+    cfg, _, _, args, _, _ = models
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    sources = {"ldm": args["ldm"], "classifier": args["classifier"], "judge": args["judge"]}
+    actor = Synthesizer(make_plan(cfg, ["AC", "H"], 2, sources), str(tmp_path / "out"), dataclasses.asdict(cfg.storage),
+                        np.zeros((1, 16, 16), np.float32), torch.get_num_threads())
+    assert actor.guide is not None and actor.judge is not None and actor.centroids.shape[0] == 2
+    # The LDM, guide and judge weights were copied from S3 to read them; the copies are gone.
+    assert list(scratch.iterdir()) == []
 
 
 def test_generate_refuses_to_mix_settings_in_one_output(models):

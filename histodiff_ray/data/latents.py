@@ -39,8 +39,9 @@ class LatentEncoder:
 
         torch.set_num_threads(1)  # one thread per actor: actors, not threads, scale across cores
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        local = download_dir(open_location(vae_dir, StorageConfig(**storage)), tempfile.mkdtemp(prefix="vae-"))
-        self.vae = load_autoencoder(local).to(self.device).eval()
+        with tempfile.TemporaryDirectory(prefix="vae-") as tmp:
+            local = download_dir(open_location(vae_dir, StorageConfig(**storage)), tmp)
+            self.vae = load_autoencoder(local).to(self.device).eval()
 
     def __call__(self, batch: dict) -> dict:
         import torch

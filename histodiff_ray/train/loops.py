@@ -46,7 +46,7 @@ class AutoencoderObjective(torch.nn.Module):
 def _save_checkpoint(models: dict, optimizer, state: dict):
     import ray.train
 
-    folder = tempfile.mkdtemp(prefix="ckpt-")
+    folder = tempfile.mkdtemp(prefix="ckpt-")  # deleted by ray.train.report once it is in storage
     for name, model in models.items():
         # safetensors stores contiguous tensors only: save a copy in the default layout.
         copy.deepcopy(model).to(memory_format=torch.contiguous_format).save_pretrained(
@@ -153,7 +153,7 @@ def autoencoder_loop(config: dict) -> None:
                     history.append(row)
                 if rank == 0:
                     _progress("autoencoder", row, ae.max_steps)
-                ray.train.report(row, checkpoint=checkpoint)
+                ray.train.report(row, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
             if last:
                 break
 
@@ -267,7 +267,7 @@ def diffusion_loop(config: dict) -> None:
                 if rank == 0 and (step % d.checkpoint_every == 0 or last):
                     checkpoint = _save_checkpoint({"unet": unet, "unet_ema": ema.model}, optimizer,
                                                   {"step": step, "history": history, "resumed_from_step": resumed_from})
-                ray.train.report(row, checkpoint=checkpoint)
+                ray.train.report(row, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
             if last:
                 break
 
@@ -330,7 +330,7 @@ def classifier_loop(config: dict) -> None:
                     history.append(row)
                 if rank == 0:
                     _progress("classifier", row, c.max_steps)
-                ray.train.report(row, checkpoint=checkpoint)
+                ray.train.report(row, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
             if last:
                 break
 

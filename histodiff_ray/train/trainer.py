@@ -173,10 +173,10 @@ def pretrain(cfg: Config, latents: list[tuple[str, float]], run: str, *, finetun
                    "init_weights": init_weights, "finetune": finetune_from is not None}
     result = fit(cfg, diffusion_loop, loop_config, {"train": mix_by_weight(parts)}, run_loc)
     d = cfg.diffusion
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(prefix="vae-") as vae_tmp:
         DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
                       beta_schedule=d.beta_schedule, clip_sample=False).save_pretrained(tmp)
-        vae_local = download_dir(open_location(vae_dir, cfg.storage), tempfile.mkdtemp(prefix="vae-"))
+        vae_local = download_dir(open_location(vae_dir, cfg.storage), vae_tmp)
         _export(result, run_loc, {"unet_ema": "unet"}, {
             "kind": "ldm", "autoencoder": vae_dir, "scale_factor": scale_factor, "latent_shape": manifests[0]["latent_shape"],
             "latents": [{"uri": loc.uri, "weight": w} for loc, (_, w) in zip(locs, latents)],
