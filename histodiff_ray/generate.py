@@ -167,6 +167,7 @@ def generate(cfg: Config, *, ldm: str, classifier: str, judge: str, tiles: str, 
     import ray.data
 
     from histodiff_ray.data.latents import _storage_dict
+    from histodiff_ray.judge import read_judge_config
     from histodiff_ray.raycluster import init_ray
     from histodiff_ray.selection import box_thumbnails
 
@@ -178,10 +179,7 @@ def generate(cfg: Config, *, ldm: str, classifier: str, judge: str, tiles: str, 
     guide_info = read_run_info(clf_loc)
     if guide_info.get("classes") != classes:
         raise HistodiffError(f"the classifier at {classifier} knows classes {guide_info.get('classes')}, the tile set {tiles} has {classes}")
-    try:  # the judge's config alone: its weights are loaded by the actors, not the driver
-        judge_config = json.loads(read_bytes(open_location(judge, cfg.storage).join("config.json")))
-    except FileNotFoundError:
-        raise HistodiffError(f"no judge at {judge}: its config.json is missing (train one with `histodiff train-judge`)") from None
+    judge_config = read_judge_config(judge, cfg.storage)  # its weights are loaded by the actors, not the driver
     if judge_config["classes"] != classes:
         raise HistodiffError(f"the judge at {judge} knows classes {judge_config['classes']}, the tile set {tiles} has {classes}")
     sources = {"ldm": ldm_loc.uri, "ldm_sha256": sha256_of(ldm_loc.join("model", "unet", "diffusion_pytorch_model.safetensors")),

@@ -24,7 +24,7 @@ from histodiff_ray.data.tiles import decode_images, load_tile_table, require_man
 from histodiff_ray.downstream import load_tile_classifier, predict, save_tile_classifier, train_tile_classifier
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.selection import class_centroids
-from histodiff_ray.storage import download_dir, open_location, upload_dir
+from histodiff_ray.storage import download_dir, open_location, read_bytes, upload_dir
 
 
 def train_judge(cfg: Config, tiles: str, output: str) -> dict:
@@ -61,6 +61,14 @@ def train_judge(cfg: Config, tiles: str, output: str) -> dict:
             json.dump(history, f, indent=1)
         upload_dir(tmp, out)
     return summary
+
+
+def read_judge_config(judge_dir: str, storage) -> dict:
+    """A judge folder's config.json (architecture, classes, tile size) without loading its weights."""
+    try:
+        return json.loads(read_bytes(open_location(judge_dir, storage).join("config.json")))
+    except FileNotFoundError:
+        raise HistodiffError(f"no judge at {judge_dir}: its config.json is missing (train one with `histodiff train-judge`)") from None
 
 
 def load_judge(judge_dir: str, storage) -> tuple[torch.nn.Module, dict, np.ndarray]:
