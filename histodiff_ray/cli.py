@@ -131,7 +131,8 @@ def cmd_finetune(args) -> None:
     from histodiff_ray.train.trainer import pretrain
 
     cfg = load_config(args.config, args.overrides)
-    info = pretrain(cfg, _parse_weighted(args.latents), args.run, finetune_from=args.pretrained)
+    info = pretrain(cfg, _parse_weighted(args.latents), args.run, finetune_from=args.pretrained,
+                    pseudo_labels_from=args.pseudo_labels)
     print(json.dumps({"run": args.run, "step": info["step"], "finetuned_from": args.pretrained, **info["final_metrics"]}))
 
 
@@ -158,7 +159,7 @@ def cmd_train_classifier(args) -> None:
     from histodiff_ray.train.trainer import train_classifier
 
     cfg = load_config(args.config, args.overrides)
-    info = train_classifier(cfg, args.latents, args.ldm, args.run)
+    info = train_classifier(cfg, args.latents, args.ldm, args.run, pseudo_labels_from=args.pseudo_labels)
     print(json.dumps({"run": args.run, "step": info["step"], **info["final_metrics"]}))
 
 
@@ -211,6 +212,24 @@ def cmd_evaluate(args) -> None:
     result = evaluate(cfg, args.tiles, args.output, synthetic=_parse_named(args.synthetic), judge=args.judge)
     print(results_table(result))
     print(f"evaluation: {args.output}/evaluation.json")
+
+
+def cmd_fidelity(args) -> None:
+    from histodiff_ray.fidelity import fidelity, fidelity_table
+
+    cfg = load_config(args.config, args.overrides)
+    result = fidelity(cfg, args.tiles, _parse_named(args.synthetic), args.oracle, args.output,
+                      c2st_min_tiles=args.c2st_min_tiles)
+    print(fidelity_table(result))
+    print(f"fidelity: {args.output}/fidelity.json")
+
+
+def cmd_fidelity_curve(args) -> None:
+    from histodiff_ray.fidelity import checkpoint_curve
+
+    cfg = load_config(args.config, args.overrides)
+    checkpoint_curve(cfg, args.run, args.tiles, args.oracle, args.output, n=args.n, steps=args.steps)
+    print(f"curve: {args.output}/curve.json, {args.output}/curve.png")
 
 
 def cmd_sweep(args) -> None:
@@ -311,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (
         ("pretrain", cmd_pretrain, "DDPM pre-training of the latent UNet on unlabeled latent sets, mixed by weight"),
-        ("finetune", cmd_finetune, "continue a pre-trained UNet on the target domain's latents (labels unused)"),
+        ("finetune", cmd_finetune, "continue a pre-trained UNet on the target domain's latents (labels unused, "
+                                   "or with guidance.kind=classifier_free: a class embedding trained on the labels)"),
     ):
         p = sub.add_parser(name, help=text, description=text + ". Checkpoints (diffusers folders with EMA weights) go to "
                            "the run folder; rerunning the same --run resumes from the latest one.")
@@ -320,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run", required=True, help="run folder (local or s3://)")
         if name == "finetune":
             p.add_argument("--pretrained", required=True, help="the finished pretrain run to start from")
+            p.add_argument("--pseudo-labels", default=None, metavar="JUDGE",
+                           help="with guidance.kind=classifier_free: also train on this judge's labels for unlabeled "
+                                "train tiles it is sure of (guidance.pseudo_label_threshold)")
         _add_config(p)
         p.set_defaults(func=func)
 
@@ -341,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", required=True, help="the labeled tile set's latents (encode-latents output)")
     p.add_argument("--ldm", required=True, help="the finished (fine-tuned) diffusion run this classifier will guide")
     p.add_argument("--run", required=True, help="run folder (local or s3://)")
+    p.add_argument("--pseudo-labels", default=None, metavar="JUDGE",
+                   help="also train on this judge's labels for unlabeled train tiles it is sure of "
+                        "(guidance.pseudo_label_threshold); val and test labels are never used")
     _add_config(p)
     p.set_defaults(func=cmd_train_classifier)
 
@@ -358,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/grids/*.png, OUT/summary.json. Deterministic; a rerun after a kill finishes the missing "
                                    "shards only.")
     p.add_argument("--ldm", required=True, help="the finished (fine-tuned) diffusion run")
-    p.add_argument("--classifier", required=True, help="the finished train-classifier run (guidance)")
+    p.add_argument("--classifier", default=None,
+                   help="the finished train-classifier run (guidance.kind=classifier, the default); omit it with "
+                        "guidance.kind=classifier_free, where --ldm is a UNet fine-tuned with classes")
     p.add_argument("--judge", required=True, help="the train-judge folder (selection)")
     p.add_argument("--tiles", required=True, help="the labeled tile set (classes; real train tiles for the memorization audit)")
     p.add_argument("--output", required=True, help="output folder (local or s3://)")
@@ -383,6 +411,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="evaluation folder (local or s3://)")
     _add_config(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("fidelity", help="per-class fidelity of kept synthetic tiles: oracle agreement, "
+                       "precision/recall, FID/KID, C2ST",
+                       description="Compare the kept synthetic tiles of each set with the real val tiles, per "
+                                   "class: agreement of an oracle classifier (downstream.arch trained on ALL train "
+                                   "tiles with their labels, not only data.label_fraction's; epoch chosen on val; a "
+                                   "measuring instrument only, never used for "
+                                   "generation, selection or model choice, never reads test), k-NN precision/recall "
+                                   "(k=3) and FID/KID on the oracle's penultimate features, and a classifier "
+                                   "two-sample test on pixels (held-out accuracy; 0.5 = indistinguishable). Writes "
+                                   "OUT/fidelity.json and OUT/fidelity.md.")
+    p.add_argument("--tiles", required=True,
+                   help="the labeled tile set (train tiles for the oracle, val tiles as the reference)")
+    p.add_argument("--synthetic", action="append", required=True, metavar="[NAME=]URI",
+                   help="a generate output; repeat to measure several with one oracle")
+    p.add_argument("--oracle", required=True,
+                   help="oracle folder (local or s3://): reused when it holds an oracle for this tile set, "
+                        "else trained and saved there")
+    p.add_argument("--output", required=True, help="fidelity folder (local or s3://)")
+    p.add_argument("--c2st-min-tiles", type=int, default=20,
+                   help="tiles per side (after balancing) below which the two-sample test is skipped (default 20)")
+    _add_config(p)
+    p.set_defaults(func=cmd_fidelity)
+
+    p = sub.add_parser("fidelity-curve", help="fidelity of unconditional samples at each checkpoint, by samples seen",
+                       description="For every registered checkpoint of the given diffusion runs (in order: a pre-training "
+                                   "run, then its fine-tune), sample the same N seeds unconditionally and measure them "
+                                   "against all real val tiles on the oracle's features (precision/recall, FID) and with "
+                                   "a C2ST. Writes OUT/curve.json and OUT/curve.png (x: training samples seen). Keep "
+                                   "enough checkpoints while training (ray.keep_checkpoints).")
+    p.add_argument("--run", action="append", required=True, help="a finished diffusion run; repeat, parent first")
+    p.add_argument("--tiles", required=True, help="the labeled tile set (its val tiles are the reference)")
+    p.add_argument("--oracle", required=True, help="oracle folder, as for `histodiff fidelity` (trained when absent)")
+    p.add_argument("--output", required=True, help="output folder (local or s3://)")
+    p.add_argument("--n", type=int, default=256, help="samples per checkpoint (default 256)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps per sample (default 25)")
+    _add_config(p)
+    p.set_defaults(func=cmd_fidelity_curve)
 
     p = sub.add_parser("sweep", help="Ray Tune over guidance scale, selection threshold and synthetic ratio (val macro-F1)",
                        description="Random search with ASHA early stopping: each trial generates (or reuses) the set for its "

@@ -88,7 +88,7 @@ class DataConfig:
     tiles_per_shard: int = 4096
     files_per_chunk: int = 4096  # ingest commits shards + manifest after each chunk of source files
     batch_size: int = 64
-    augment: bool = True  # random flips and 90° rotations while streaming train tiles
+    augment: bool = True  # random flips and 90° rotations of train tiles and latents (tissue has no orientation)
 
     def validate(self, p: str) -> None:
         _check(self.tile_size >= 8 and self.tile_size % 8 == 0, f"{p}.tile_size", self.tile_size, "a multiple of 8, >= 8")
@@ -115,8 +115,13 @@ class AutoencoderConfig:
     latent_channels: int = 4
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
+    # GroupNorm groups in every block. 32 groups on a 32-channel first stage normalise each channel
+    # alone and throw away each tile's colour balance; fewer groups keep it (docs/fidelity.md).
+    norm_groups: int = 32
+    # On LDM's scale: reconstruction summed over pixels, KL summed over latent dimensions, per tile.
     kl_weight: float = 1e-6
     lr: float = 1e-4
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to 0 at max_steps
     max_steps: int = 2_000
     checkpoint_every: int = 500
     log_every: int = 50
@@ -128,6 +133,11 @@ class AutoencoderConfig:
         _check(self.latent_channels >= 1, f"{p}.latent_channels", self.latent_channels, "an integer >= 1")
         _check(len(self.block_out_channels) >= 1, f"{p}.block_out_channels", self.block_out_channels, "a non-empty list")
         _check(self.layers_per_block >= 1, f"{p}.layers_per_block", self.layers_per_block, "an integer >= 1")
+        _check(
+            self.norm_groups >= 1 and all(c % self.norm_groups == 0 for c in self.block_out_channels),
+            f"{p}.norm_groups", self.norm_groups, f"an integer >= 1 that divides every block width {self.block_out_channels}",
+        )
+        _check(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "an integer >= 0")
         _check(self.kl_weight >= 0, f"{p}.kl_weight", self.kl_weight, "a number >= 0")
         _check(self.lr > 0, f"{p}.lr", self.lr, "a number > 0")
 
@@ -169,11 +179,16 @@ class UNetConfig:
 @dataclass
 class DiffusionConfig:
     num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"
+    # LDM's (and the paper's) "linear" is linspace(√β₀, √β₁)², which diffusers calls "scaled_linear";
+    # diffusers' "linear" is a true linspace (ᾱ_T 1.9e-4 instead of 6.7e-4). Names follow diffusers,
+    # so the exported scheduler folder means the same thing.
+    beta_schedule: str = "scaled_linear"
     beta_start: float = 0.0015
     beta_end: float = 0.0155
     prediction_type: str = "epsilon"
     loss: str = "l1"
+    # Min-SNR-γ loss weighting (Hang et al. 2023): min(SNR_t, γ) / SNR_t per sample; 0 turns it off.
+    min_snr_gamma: float = 0.0
     lr: float = 5e-5
     warmup_steps: int = 10_000
     ema_decay: float = 0.9999
@@ -196,6 +211,7 @@ class DiffusionConfig:
         _check(0 < self.beta_start < self.beta_end < 1, f"{p}.beta_start/beta_end", (self.beta_start, self.beta_end), "0 < beta_start < beta_end < 1")
         _check(self.prediction_type == "epsilon", f"{p}.prediction_type", self.prediction_type, "'epsilon'")
         _check(self.loss in ("l1", "l2"), f"{p}.loss", self.loss, "'l1' or 'l2'")
+        _check(self.min_snr_gamma >= 0, f"{p}.min_snr_gamma", self.min_snr_gamma, "a number >= 0 (0: off)")
         _check(self.lr > 0, f"{p}.lr", self.lr, "a number > 0")
         _check(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "an integer >= 0")
         _check(0 <= self.ema_decay < 1, f"{p}.ema_decay", self.ema_decay, "a number in [0, 1)")
@@ -216,7 +232,7 @@ class ClassifierConfig:
     pool: str = "attention"
     lr: float = 3e-4
     weight_decay: float = 0.05
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to 0 at max_steps
     max_steps: int = 2_000
     checkpoint_every: int = 500
     log_every: int = 50
@@ -247,22 +263,52 @@ class ClassifierConfig:
 
 
 @dataclass
+class GuidanceConfig:
+    """How sampling is steered to a class.
+
+    ``classifier``: a noise-aware latent classifier's gradient (Dhariwal & Nichol 2021), trained by
+    `histodiff train-classifier`; the UNet stays unconditional. ``classifier_free`` (Ho & Salimans
+    2022): `histodiff finetune` gives the pre-trained UNet a class embedding (zero-initialised, so it
+    starts as the unconditional model) and trains it on the target latents, labeled ones with their
+    class and unlabeled ones with the null class, dropping labels with ``label_dropout``.
+
+    Either model may also learn from pseudo-labels (``--pseudo-labels JUDGE``): the judge's class for
+    unlabeled target train tiles where its confidence reaches ``pseudo_label_threshold``.
+    """
+
+    kind: str = "classifier"
+    label_dropout: float = 0.1
+    pseudo_label_threshold: float = 0.95
+
+    def validate(self, p: str) -> None:
+        _check(self.kind in ("classifier", "classifier_free"), f"{p}.kind", self.kind, "'classifier' or 'classifier_free'")
+        _check(0 <= self.label_dropout < 1, f"{p}.label_dropout", self.label_dropout, "a number in [0, 1)")
+        _check(0 < self.pseudo_label_threshold <= 1, f"{p}.pseudo_label_threshold", self.pseudo_label_threshold,
+               "a number in (0, 1]")
+
+
+@dataclass
 class SamplingConfig:
     ddim_steps: int = 50
     eta: float = 1.0
-    guidance_scale: float = 10.0
+    guidance_scale: float = 10.0  # classifier guidance: s in ε − s·√(1 − ᾱ)·∇ log p(y | z_t)
+    cfg_scale: float = 2.0  # classifier-free guidance: w in ε_∅ + w·(ε_y − ε_∅); 1 = the plain conditional model
 
     def validate(self, p: str) -> None:
         _check(1 <= self.ddim_steps <= 1000, f"{p}.ddim_steps", self.ddim_steps, "an integer in [1, 1000]")
         _check(0 <= self.eta <= 1, f"{p}.eta", self.eta, "a number in [0, 1]")
         _check(self.guidance_scale >= 0, f"{p}.guidance_scale", self.guidance_scale, "a number >= 0")
+        _check(self.cfg_scale >= 0, f"{p}.cfg_scale", self.cfg_scale, "a number >= 0")
 
 
 @dataclass
 class SelectionConfig:
     confidence_threshold: float = 0.9
     max_per_class: int = 500
-    min_real_distance: float = 0.0  # memorization audit: drop synthetic tiles closer than this to a real one
+    # Memorization audit: drop synthetic tiles closer than this to a real train tile (RMS grey levels
+    # of 16×16 thumbnails, any rotation/flip). 4.0 is ingest's near-copy threshold: crc5's re-encoded
+    # rotated copies all fall below 2, and no tile pair falls between 2 and 8 (docs/data.md).
+    min_real_distance: float = 4.0
 
     def validate(self, p: str) -> None:
         _check(0 <= self.confidence_threshold <= 1, f"{p}.confidence_threshold", self.confidence_threshold, "a number in [0, 1]")
@@ -359,6 +405,7 @@ class Config:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)

@@ -1,8 +1,9 @@
 """Tile classifiers on pixels (timm models built from config, never downloaded weights).
 
 One trainer serves two roles: the *judge* that scores synthetic tiles for selection (trained on the
-real labeled tiles) and the downstream classifier of the evaluation. Training keeps the epoch with
-the best val macro-F1 (early stopping with ``patience``): the test split is never seen here.
+real labeled tiles) and the downstream classifier of the evaluation. Training (AdamW, a one-cycle LR
+over ``epochs``) keeps the epoch with the best val macro-F1 (early stopping with ``patience``): the
+test split is never seen here.
 
     model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, seed=0)
     probs, features = predict(model, tiles)
@@ -87,6 +88,11 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
     model = build_tile_classifier(cfg.arch, num_classes, train_x.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_all, y_all = to_tensor(train_x), torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    # One-cycle LR over the whole budget (warm-up, then cosine annealing to ~0): with a few hundred
+    # labels a constant LR leaves the val score noisy from epoch to epoch.
+    steps_per_epoch = sum(1 for start in range(0, len(x_all), cfg.batch_size) if len(x_all) - start >= 2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch),
+                                                   pct_start=0.15)
     best, best_state, history, since_best = -1.0, None, [], 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -101,6 +107,7 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             losses.append(loss.item())
         probs, _ = predict(model, val_x)
         pred = probs.argmax(1)

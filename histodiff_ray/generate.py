@@ -48,10 +48,11 @@ SHARD_SCHEMA = pa.schema([
     pa.field("shard", pa.string()),
     pa.field("ldm", pa.string()),  # provenance: diffusion run and its weights' sha256
     pa.field("ldm_sha256", pa.string()),
-    pa.field("classifier", pa.string()),
+    pa.field("classifier", pa.string()),  # null with classifier-free guidance
     pa.field("classifier_sha256", pa.string()),
     pa.field("judge", pa.string()),
-    pa.field("guidance_scale", pa.float32()),
+    pa.field("guidance", pa.string()),  # classifier | classifier_free
+    pa.field("guidance_scale", pa.float32()),  # s (classifier) or w (classifier-free)
     pa.field("ddim_steps", pa.int32()),
     pa.field("eta", pa.float32()),
     pa.field("probs", pa.list_(pa.float32())),  # judge's softmax over the classes
@@ -78,7 +79,7 @@ def make_plan(cfg: Config, classes: list[str], per_class: int, sources: dict) ->
         for i, start in enumerate(range(0, per_class, g.shard_size)):
             shards.append({"shard": f"{name}-{i:05d}", "label": label, "label_name": name,
                            "start": start, "count": min(g.shard_size, per_class - start)})
-    decides = {"sources": sources, "seed": cfg.seed, "sampling": dataclasses.asdict(cfg.sampling),
+    decides = {"sources": sources, "seed": cfg.seed, "sampling": dataclasses.asdict(cfg.sampling), "guidance": cfg.guidance.kind,
                "shard_size": g.shard_size, "per_class": per_class, "classes": classes}
     digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:16]
     return {"format": PLAN_FORMAT, "hash": digest, **decides, "shards": shards}
@@ -106,10 +107,12 @@ class Synthesizer:
         self.ldm = LatentDiffusion.from_run(open_location(src["ldm"], st))
         if compile_unet:  # compiled once per actor and shard size; pays off over long jobs
             self.ldm.unet = torch.compile(self.ldm.unet)
-        with tempfile.TemporaryDirectory(prefix="guide-") as tmp:
-            local = download_dir(open_location(src["classifier"], st).join("model", "classifier"), tmp)
-            self.guide = (NoiseAwareClassifier.from_pretrained(local).to(self.ldm.device, memory_format=torch.channels_last)
-                          .eval().requires_grad_(False))
+        self.guide = None  # classifier-free guidance: the UNet itself is class-conditional
+        if src["classifier"] is not None:
+            with tempfile.TemporaryDirectory(prefix="guide-") as tmp:
+                local = download_dir(open_location(src["classifier"], st).join("model", "classifier"), tmp)
+                self.guide = (NoiseAwareClassifier.from_pretrained(local)
+                              .to(self.ldm.device, memory_format=torch.channels_last).eval().requires_grad_(False))
         self.judge, _, self.centroids = load_judge(src["judge"], st)
         self.real_thumbs = ray.get(real_thumbs) if isinstance(real_thumbs, ray.ObjectRef) else real_thumbs
 
@@ -130,9 +133,15 @@ class Synthesizer:
         label, count, start = int(row["label"]), int(row["count"]), int(row["start"])
         seeds = [tile_seed(plan["seed"], label, start + i) for i in range(count)]
         labels = torch.full((count,), label, dtype=torch.long, device=self.ldm.device)
-        z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"],
-                            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
-                            cond_fn=classifier_cond_fn(self.guide, labels), guidance_scale=s["guidance_scale"])
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        if self.guide is not None:
+            scale = s["guidance_scale"]
+            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], generator=generators,
+                                cond_fn=classifier_cond_fn(self.guide, labels), guidance_scale=scale)
+        else:
+            scale = s["cfg_scale"]
+            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], generator=generators,
+                                labels=labels, cfg_scale=scale)
         tiles = self.ldm.decode(z)
         probs, features = predict(self.judge, tiles)
         nearest, similarity = nearest_centroid_scores(features, self.centroids, np.full(count, label))
@@ -147,8 +156,8 @@ class Synthesizer:
             "shard": [row["shard"]] * count,
             "ldm": [src["ldm"]] * count, "ldm_sha256": [src["ldm_sha256"]] * count,
             "classifier": [src["classifier"]] * count, "classifier_sha256": [src["classifier_sha256"]] * count,
-            "judge": [src["judge"]] * count,
-            "guidance_scale": np.full(count, s["guidance_scale"], np.float32),
+            "judge": [src["judge"]] * count, "guidance": [plan["guidance"]] * count,
+            "guidance_scale": np.full(count, scale, np.float32),
             "ddim_steps": np.full(count, s["ddim_steps"], np.int32), "eta": np.full(count, s["eta"], np.float32),
             "probs": [p.astype(np.float32) for p in probs], "confidence": probs[:, label].astype(np.float32),
             "nearest_centroid": nearest.astype(np.int16), "centroid_similarity": similarity.astype(np.float32),
@@ -160,9 +169,10 @@ class Synthesizer:
         return table
 
 
-def generate(cfg: Config, *, ldm: str, classifier: str, judge: str, tiles: str, output: str,
+def generate(cfg: Config, *, ldm: str, classifier: str | None, judge: str, tiles: str, output: str,
              per_class: int | None = None, progress: bool = True) -> dict:
-    """Plan, synthesize the missing shards, then select; returns the summary."""
+    """Plan, synthesize the missing shards, then select; returns the summary. ``classifier`` is the
+    guide's run with ``guidance.kind: classifier`` and None with ``classifier_free``."""
     import ray
     import ray.data
 
@@ -175,17 +185,31 @@ def generate(cfg: Config, *, ldm: str, classifier: str, judge: str, tiles: str, 
     tiles_loc = open_location(tiles, cfg.storage)
     classes = require_manifest(tiles_loc)["classes"]
     per_class = per_class or cfg.generate.per_class
-    ldm_loc, clf_loc = open_location(ldm, cfg.storage), open_location(classifier, cfg.storage)
-    guide_info = read_run_info(clf_loc)
-    if guide_info.get("classes") != classes:
-        raise HistodiffError(f"the classifier at {classifier} knows classes {guide_info.get('classes')}, the tile set {tiles} has {classes}")
+    ldm_loc = open_location(ldm, cfg.storage)
+    if cfg.guidance.kind == "classifier":
+        if classifier is None:
+            raise HistodiffError("guidance.kind=classifier needs --classifier (a train-classifier run); "
+                                 "or set guidance.kind=classifier_free for a UNet fine-tuned with classes")
+        clf_loc = open_location(classifier, cfg.storage)
+        guide_info = read_run_info(clf_loc)
+        guide_classes, guide_name = guide_info.get("classes"), f"the classifier at {classifier}"
+    else:
+        if classifier is not None:
+            raise HistodiffError("guidance.kind=classifier_free guides with the UNet itself; drop --classifier")
+        guide_classes, guide_name = read_run_info(ldm_loc).get("classes"), f"the diffusion model at {ldm}"
+        if guide_classes is None:
+            raise HistodiffError(f"{ldm} is unconditional; fine-tune it with guidance.kind=classifier_free first")
+    if guide_classes != classes:
+        raise HistodiffError(f"{guide_name} knows classes {guide_classes}, the tile set {tiles} has {classes}")
     judge_config = read_judge_config(judge, cfg.storage)  # its weights are loaded by the actors, not the driver
     if judge_config["classes"] != classes:
         raise HistodiffError(f"the judge at {judge} knows classes {judge_config['classes']}, the tile set {tiles} has {classes}")
     sources = {"ldm": ldm_loc.uri, "ldm_sha256": sha256_of(ldm_loc.join("model", "unet", "diffusion_pytorch_model.safetensors")),
-               "classifier": clf_loc.uri,
-               "classifier_sha256": sha256_of(clf_loc.join("model", "classifier", "diffusion_pytorch_model.safetensors")),
+               "classifier": None, "classifier_sha256": None,
                "judge": open_location(judge, cfg.storage).uri, "tiles": tiles_loc.uri}
+    if cfg.guidance.kind == "classifier":
+        sources["classifier"] = clf_loc.uri
+        sources["classifier_sha256"] = sha256_of(clf_loc.join("model", "classifier", "diffusion_pytorch_model.safetensors"))
     plan = make_plan(cfg, classes, per_class, sources)
     _save_or_check_plan(out, plan)
 
@@ -282,9 +306,11 @@ def select_synthetic(cfg: Config, output: str, selection: SelectionConfig, *, wr
     return summary
 
 
-def _write_pngs_and_grids(out: Location, plan: dict, index: pa.Table, grid_tiles: int = 32) -> None:
-    """Kept tiles as PNG files (many small writes: threads, since each is one request on S3) and a
-    kept / dropped grid per class."""
+def _write_pngs_and_grids(out: Location, plan: dict, index: pa.Table, columns: int = 8) -> None:
+    """Kept tiles as PNG files (many small writes: threads, since each is one request on S3) and per
+    class a borderless mosaic of the first columns² kept and of the first dropped tiles, in generation
+    order (never picked): ``OUT/grids/<CLASS>-kept.png``, ``OUT/grids/<CLASS>-dropped.png``."""
+    grid_tiles = columns * columns
     from histodiff_ray.ldm import save_png, tile_grid
 
     kept = index.column("kept").to_numpy(zero_copy_only=False)
@@ -307,4 +333,5 @@ def _write_pngs_and_grids(out: Location, plan: dict, index: pa.Table, grid_tiles
     for (label, k), tiles in grids.items():
         if tiles:
             name = plan["classes"][label]
-            save_png(tile_grid(np.stack(tiles), columns=8), out.join("grids", f"{name}-{'kept' if k else 'dropped'}.png"))
+            mosaic = tile_grid(np.stack(tiles), columns=columns, pad=0)
+            save_png(mosaic, out.join("grids", f"{name}-{'kept' if k else 'dropped'}.png"))

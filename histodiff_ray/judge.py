@@ -2,7 +2,9 @@
 
 It is trained on the real labeled train tiles only (pixels, a timm model), with the epoch chosen
 on the val split. Its folder holds the model (safetensors + config.json) and the class centroids of
-its features over those same tiles, which selection's centroid-agreement rule compares against::
+its features over the val tiles, which selection's centroid-agreement rule compares against. The
+centroids come from tiles the judge was not trained on: on its own train tiles the features sit
+tighter around their class than on any new tile, real or synthetic::
 
     JUDGE/model.safetensors  JUDGE/config.json  JUDGE/centroids.safetensors  JUDGE/history.json
 
@@ -17,6 +19,7 @@ import os
 import tempfile
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from histodiff_ray.config import Config
@@ -46,8 +49,8 @@ def train_judge(cfg: Config, tiles: str, output: str) -> dict:
               f"val acc {row['val_acc']:.3f}, val macro-F1 {row['val_macro_f1']:.3f}", flush=True)
 
     model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, len(classes), seed=cfg.seed, log=log)
-    _, features = predict(model, train_x)
-    centroids = class_centroids(torch.from_numpy(features), torch.from_numpy(train_y), len(classes))
+    _, features = predict(model, val_x)
+    centroids = class_centroids(torch.from_numpy(features), torch.from_numpy(val_y), len(classes))
     best = max(history, key=lambda r: r["val_macro_f1"])
     summary = {"tiles": tiles_loc.uri, "classes": classes, "train_tiles": int(train.num_rows), "val_tiles": int(val.num_rows),
                "best_epoch": best["epoch"], "val_acc": best["val_acc"], "val_macro_f1": best["val_macro_f1"]}
@@ -80,3 +83,23 @@ def load_judge(judge_dir: str, storage) -> tuple[torch.nn.Module, dict, np.ndarr
         model, config = load_tile_classifier(local)
         centroids = load_file(os.path.join(local, "centroids.safetensors"))["centroids"].numpy()
     return model, config, centroids
+
+
+def pseudo_labels(cfg: Config, judge_dir: str, tiles: str) -> tuple[dict[str, int], dict]:
+    """Labels for the tile set's *unlabeled train* tiles from the judge, where its confidence is at
+    least ``guidance.pseudo_label_threshold``: tile_id → class, and a summary (counts per class).
+    Val and test tiles are never labeled this way, and labeled tiles keep their own labels."""
+    tiles_loc = open_location(tiles, cfg.storage)
+    classes = require_manifest(tiles_loc)["classes"]
+    model, config, _ = load_judge(judge_dir, cfg.storage)
+    if config["classes"] != classes:
+        raise HistodiffError(f"the judge at {judge_dir} knows classes {config['classes']}, the tile set {tiles} has {classes}")
+    table = load_tile_table(tiles_loc, "train", columns=["tile_id", "image", "labeled"])
+    unlabeled = table.filter(pc.invert(table.column("labeled")))
+    probs, _ = predict(model, decode_images(unlabeled.column("image")))
+    confident = probs.max(1) >= cfg.guidance.pseudo_label_threshold
+    ids = np.asarray(unlabeled.column("tile_id").to_pylist(), dtype=object)[confident]
+    labels = probs.argmax(1)[confident]
+    summary = {"judge": judge_dir, "threshold": cfg.guidance.pseudo_label_threshold, "unlabeled": unlabeled.num_rows,
+               "kept": {name: int((labels == k).sum()) for k, name in enumerate(classes)}}
+    return dict(zip(ids.tolist(), labels.tolist())), summary

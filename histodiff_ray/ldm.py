@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 from histodiff_ray.config import DiffusionConfig
+from histodiff_ray.diffusion.guidance import classifier_free_eps
 from histodiff_ray.diffusion.sampler import ddim_sample
 from histodiff_ray.diffusion.schedule import NoiseSchedule
+from histodiff_ray.models.unet import null_class
 from histodiff_ray.storage import Location, download_dir, read_run_info, write_atomic
 
 
@@ -45,13 +47,27 @@ class LatentDiffusion:
         schedule = NoiseSchedule.from_config(DiffusionConfig(**d))
         return cls(unet, vae, schedule, float(info["scale_factor"]), tuple(info["latent_shape"]), dev)
 
-    def eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(z, t).sample
+    @property
+    def null_class(self) -> int | None:
+        """The null class of a class-conditional (classifier-free) UNet; None when unconditional."""
+        return null_class(self.unet)
+
+    def eps(self, z: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if class_labels is None and self.null_class is not None:  # unconditional samples of a conditional UNet
+            class_labels = torch.full((z.shape[0],), self.null_class, device=z.device, dtype=torch.long)
+        return self.unet(z, t, class_labels=class_labels).sample
 
     def sample(self, n: int, *, steps: int = 50, eta: float = 1.0, generator: torch.Generator | None = None,
-               cond_fn=None, guidance_scale: float = 0.0, progress=None) -> torch.Tensor:
-        """Scaled latents z_0 (n × C × h × w)."""
-        return ddim_sample(self.eps, self.schedule, (n, *self.latent_shape), steps=steps, eta=eta, generator=generator,
+               cond_fn=None, guidance_scale: float = 0.0, labels: torch.Tensor | None = None, cfg_scale: float = 1.0,
+               progress=None) -> torch.Tensor:
+        """Scaled latents z_0 (n × C × h × w). ``labels`` with a class-conditional UNet samples those
+        classes with classifier-free guidance at ``cfg_scale``; ``cond_fn`` adds classifier guidance."""
+        model = self.eps
+        if labels is not None:
+            if self.null_class is None:
+                raise ValueError("this UNet has no class embedding; fine-tune it with guidance.kind=classifier_free")
+            model = classifier_free_eps(self.eps, labels, self.null_class, cfg_scale)
+        return ddim_sample(model, self.schedule, (n, *self.latent_shape), steps=steps, eta=eta, generator=generator,
                            device=self.device, cond_fn=cond_fn, guidance_scale=guidance_scale, progress=progress)
 
     @torch.no_grad()

@@ -2,8 +2,9 @@
 
 Sections: real vs synthetic tiles per class, kept and dropped synthetic examples with the reason,
 selection-score histograms, training curves, the accuracy table with 95% intervals, confusion
-matrices, and generation metrics. The page uses relative image paths only, so the folder can be
-copied anywhere (or served from S3) and opened in a browser.
+matrices, generation metrics and, when given, the fidelity tables of `histodiff fidelity`. The
+page uses relative image paths only, so the folder can be copied anywhere (or served from S3) and
+opened in a browser.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def _figure(src: str, caption: str) -> str:
 
 
 def build_report(cfg: Config, *, tiles: str, output: str, synthetic: str | None = None, evaluation: str | None = None,
-                 runs: dict[str, str] | None = None, title: str = "histodiff_ray report", notes: list[str] | None = None) -> str:
-    """Write OUTPUT/report.html and OUTPUT/img/*.png; returns the report's URI."""
+                 runs: dict[str, str] | None = None, title: str = "histodiff_ray report",
+                 notes: list[str] | None = None, fidelity: str | None = None) -> str:
+    """Write OUTPUT/report.html and OUTPUT/img/*.png; returns the report's URI. ``evaluation`` and
+    ``fidelity`` are the output folders of `histodiff evaluate` / `histodiff fidelity`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,6 +126,8 @@ def build_report(cfg: Config, *, tiles: str, output: str, synthetic: str | None 
     if evaluation:
         result = json.loads(read_bytes(open_location(evaluation, cfg.storage).join("evaluation.json")))
         parts.append(_evaluation_html(result, put))
+    if fidelity:
+        parts.append(_fidelity_html(json.loads(read_bytes(open_location(fidelity, cfg.storage).join("fidelity.json")))))
     write_atomic(out.join("report.html"), (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                                            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>").encode())
     return out.join("report.html").uri
@@ -183,4 +188,20 @@ def _evaluation_html(result: dict, put) -> str:
                              f"<tr><td>{html.escape(c)}</td>" + "".join(
                                  f"<td>{v[k]:.3f}</td>" if k in v else "<td>-</td>" for k in ("fid", "kid", "precision", "recall"))
                              + f"<td>{v['n_real']}</td><td>{v['n_synthetic']}</td></tr>" for c, v in per.items()) + "</table>")
+    return "".join(parts)
+
+
+def _fidelity_html(result: dict) -> str:
+    from histodiff_ray.fidelity import TABLE_HEADER, table_rows
+
+    parts = ["<h2>Fidelity of the kept synthetic tiles</h2>",
+             f"<p class='note'>{html.escape(result['oracle']['note'])}</p>",
+             f"<p class='note'>Reference: the {result['real_val_tiles']} real val tiles. Precision/recall "
+             f"(k={result['precision_recall_k']}), FID and KID on {html.escape(result['features'])}. "
+             f"C2ST: {html.escape(result['c2st']['what'])}; n = tiles per side.</p>"]
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in TABLE_HEADER)
+    for name, s in result["sets"].items():
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+                       for row in table_rows(s["per_class"]))
+        parts.append(f"<h3>{html.escape(name)}: {html.escape(s['uri'])}</h3><table><tr>{header}</tr>{rows}</table>")
     return "".join(parts)

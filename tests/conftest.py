@@ -91,6 +91,9 @@ def tiny_latents(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
     info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], f"s3://{bucket}/runs/ae")
     assert info["step"] == 2 and info["final_metrics"]["val_tiles"] > 0
     assert 0 < info["final_metrics"]["val_ssim"] < 1 and info["final_metrics"]["val_psnr"] > 5
+    from histodiff_ray.storage import exists, open_location
+
+    assert exists(open_location(f"s3://{bucket}/runs/ae", cfg.storage).join("reconstructions.png"))  # real | reconstruction
     manifest = encode_latents(cfg, f"s3://{bucket}/tiles", f"s3://{bucket}/runs/ae/model/vae", f"s3://{bucket}/latents")
     assert manifest["rows"] == 48 and manifest["latent_shape"] == [4, 16, 16] and manifest["scale_factor"] > 0
     return overrides, bucket

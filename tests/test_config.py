@@ -23,7 +23,7 @@ def test_paper_profile_has_the_papers_settings():
     assert u.resnet_time_scale_shift == "scale_shift" and u.resblock_updown
     d = cfg.diffusion
     assert (d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.loss, d.lr, d.warmup_steps) == (
-        1000, "linear", 0.0015, 0.0155, "l1", 5e-5, 10_000)
+        1000, "scaled_linear", 0.0015, 0.0155, "l1", 5e-5, 10_000)
     c = cfg.classifier
     assert (c.width, c.depth, c.attention_resolutions, c.pool, c.lr, c.weight_decay) == (128, 2, [2, 4], "attention", 5e-5, 0.05)
     s = cfg.sampling

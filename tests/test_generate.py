@@ -175,3 +175,59 @@ def _tiles(loc, table):
         t = pq.read_table(io.BytesIO(read_bytes(loc.join("shards", f"{shard}.parquet"))), columns=["tile_id", "image", "seed"])
         found.update(zip(t.column("tile_id").to_pylist(), zip(t.column("image").to_pylist(), t.column("seed").to_pylist())))
     return found
+
+
+def test_classifier_free_guidance_fine_tunes_with_classes_and_generates_without_a_guide(models):
+    """guidance.kind=classifier_free: `finetune` gives the UNet a class embedding trained on the
+    labels; `generate` then takes no --classifier and records the kind and scale it used."""
+    from histodiff_ray.errors import HistodiffError
+    from histodiff_ray.generate import generate
+    from histodiff_ray.ldm import LatentDiffusion
+    from histodiff_ray.train.trainer import pretrain
+
+    _, overrides, root, args, _, _ = models
+    cfg = load_config("cpu", overrides + ["guidance.kind=classifier_free", "diffusion.finetune_steps=2",
+                                          "diffusion.finetune_warmup_steps=0", "sampling.ddim_steps=4"])
+    bucket = root.split("/")[2]
+    info = pretrain(cfg, [(f"s3://{bucket}/latents", 1.0)], f"{root}/ldm-cfg", finetune_from=args["ldm"])
+    assert info["classes"] == ["AC", "H"] and info["step"] == 2
+    ldm = LatentDiffusion.from_run(open_location(f"{root}/ldm-cfg", cfg.storage))
+    assert ldm.null_class == 2
+    with pytest.raises(HistodiffError, match="drop --classifier"):
+        generate(cfg, **args | {"ldm": f"{root}/ldm-cfg"}, output=f"{root}/syn-cfg", per_class=2, progress=False)
+    with pytest.raises(HistodiffError, match="unconditional"):
+        generate(cfg, **args | {"classifier": None}, output=f"{root}/syn-cfg", per_class=2, progress=False)
+    summary = generate(cfg, **args | {"ldm": f"{root}/ldm-cfg", "classifier": None}, output=f"{root}/syn-cfg",
+                       per_class=2, progress=False)
+    assert summary["tiles"] == 4
+    out = open_location(f"{root}/syn-cfg", cfg.storage)
+    table = pq.read_table(out.join("shards", "AC-00000.parquet").path, filesystem=out.filesystem)
+    assert set(table.column("guidance").to_pylist()) == {"classifier_free"}
+    assert table.column("classifier").null_count == table.num_rows
+    assert set(table.column("guidance_scale").to_pylist()) == {cfg.sampling.cfg_scale}
+    # Per class, borderless mosaics of kept and dropped tiles in generation order: 8 tiles a row, no padding.
+    mosaics = [name for name in list_files(out.join("grids")) if name.startswith("AC-")]
+    assert mosaics
+    for name in mosaics:
+        mosaic = Image.open(io.BytesIO(read_bytes(out.join("grids", name))))
+        assert mosaic.size == (8 * 64, 64)
+
+
+def test_pseudo_labels_come_from_the_judge_for_unlabeled_train_tiles_only(models, tmp_path, shared_data):
+    from histodiff_ray.data.ingest import ingest
+    from histodiff_ray.data.tiles import load_tile_table
+    from histodiff_ray.judge import pseudo_labels
+    from tests.data.test_ingest import make_labeled_input
+
+    cfg, overrides, _, args, _, _ = models
+    half = load_config("cpu", overrides + ["data.label_fraction=0.5", "guidance.pseudo_label_threshold=0.01"])
+    src = make_labeled_input(tmp_path / "input", shared_data, classes=("AC", "H"), per_class=24)
+    ingest(half, [str(src)], str(tmp_path / "tiles"), labeled=True, progress=False)
+    train = load_tile_table(open_location(str(tmp_path / "tiles"), half.storage), "train", columns=["tile_id", "labeled"])
+    unlabeled = {t for t, marked in zip(train.column("tile_id").to_pylist(), train.column("labeled").to_pylist()) if not marked}
+    assert unlabeled
+    labels, summary = pseudo_labels(half, args["judge"], str(tmp_path / "tiles"))
+    assert set(labels) == unlabeled and set(labels.values()) <= {0, 1}  # a threshold below 1/2 keeps every guess
+    assert sum(summary["kept"].values()) == len(labels) == summary["unlabeled"]
+    strict = load_config("cpu", overrides + ["data.label_fraction=0.5", "guidance.pseudo_label_threshold=1.0"])
+    assert len(pseudo_labels(strict, args["judge"], str(tmp_path / "tiles"))[0]) < len(labels)

@@ -68,11 +68,11 @@ def test_confidence_threshold_is_inclusive_in_the_probabilities_precision():
     target = np.array([0, 0, 0])
     # float32(0.9) < 0.9 as a float64; it must still pass a threshold of 0.9.
     probs = _probs(target, [0.9, np.nextafter(np.float32(0.9), np.float32(0)), 1.0], dtype=np.float32)
-    sel = select(target, probs, _features([0, 0, 0]), CENTROIDS, None, SelectionConfig(confidence_threshold=0.9))
+    sel = select(target, probs, _features([0, 0, 0]), CENTROIDS, None, SelectionConfig(confidence_threshold=0.9, min_real_distance=0.0))
     assert sel.reason.tolist() == ["", "low_confidence", ""]
     # torch inputs work the same way
     sel_t = select(torch.as_tensor(target), torch.as_tensor(probs), torch.as_tensor(_features([0, 0, 0])),
-                   torch.as_tensor(CENTROIDS), None, SelectionConfig(confidence_threshold=0.9))
+                   torch.as_tensor(CENTROIDS), None, SelectionConfig(confidence_threshold=0.9, min_real_distance=0.0))
     assert sel_t.reason.tolist() == ["", "low_confidence", ""]
 
 
@@ -85,12 +85,12 @@ def test_centroid_agreement_is_cosine_not_euclidean():
     target = np.array([0, 0])
     euclid = np.linalg.norm(features[:, None] - centroids[None], axis=-1).argmin(1)
     assert euclid.tolist() == [1, 1]  # the case the choice matters for
-    sel = select(target, probs, features, centroids, None, SelectionConfig(confidence_threshold=0.5))
+    sel = select(target, probs, features, centroids, None, SelectionConfig(confidence_threshold=0.5, min_real_distance=0.0))
     assert sel.nearest_centroid.tolist() == [0, 1]
     assert sel.reason.tolist() == ["", "centroid_mismatch"]
     # invariant to each feature's norm
     sel2 = select(target, probs, features * np.array([[1e-3], [1e3]]), centroids, None,
-                  SelectionConfig(confidence_threshold=0.5))
+                  SelectionConfig(confidence_threshold=0.5, min_real_distance=0.0))
     assert sel2.nearest_centroid.tolist() == [0, 1]
     np.testing.assert_allclose(sel2.centroid_similarity, sel.centroid_similarity)
     np.testing.assert_allclose(sel.centroid_similarity, [1.0 / np.sqrt(1.0 + 0.95**2), 0.95 / np.sqrt(1.0 + 0.95**2)])
@@ -142,7 +142,7 @@ def test_cap_keeps_the_most_confident_per_class_with_index_tie_break():
 def test_cap_of_one_on_many_ties_keeps_the_lowest_index():
     target = np.zeros(6, dtype=int)
     sel = select(target, _probs(target, [0.95] * 6), _features(target), CENTROIDS, None,
-                 SelectionConfig(confidence_threshold=0.9, max_per_class=1))
+                 SelectionConfig(confidence_threshold=0.9, max_per_class=1, min_real_distance=0.0))
     assert sel.kept.tolist() == [True, False, False, False, False, False]
     assert sel.reason.tolist() == ["", "over_cap", "over_cap", "over_cap", "over_cap", "over_cap"]
 
@@ -168,10 +168,10 @@ def test_bad_shapes_and_targets_are_refused():
     target = np.array([0, 1])
     probs = _probs(target, [0.99, 0.99])
     with pytest.raises(ValueError, match="outside"):
-        select(np.array([0, 3]), probs, _features(target), CENTROIDS, None, SelectionConfig())
+        select(np.array([0, 3]), probs, _features(target), CENTROIDS, None, SelectionConfig(min_real_distance=0.0))
     with pytest.raises(ValueError, match="centroids"):
-        select(target, probs, _features(target), CENTROIDS[:2], None, SelectionConfig())
-    empty = select(np.zeros(0, int), np.zeros((0, K)), np.zeros((0, K)), CENTROIDS, None, SelectionConfig())
+        select(target, probs, _features(target), CENTROIDS[:2], None, SelectionConfig(min_real_distance=0.0))
+    empty = select(np.zeros(0, int), np.zeros((0, K)), np.zeros((0, K)), CENTROIDS, None, SelectionConfig(min_real_distance=0.0))
     assert empty.kept.shape == (0,) and empty.reason.shape == (0,)
 
 

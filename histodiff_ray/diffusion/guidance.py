@@ -1,5 +1,6 @@
-"""Classifier guidance (Dhariwal & Nichol 2021): the gradient ∇_z log p(y | z_t, t) of a noise-aware
-classifier, as the ``cond_fn`` that ``ddim_sample`` takes."""
+"""Guidance for ``ddim_sample``: classifier guidance (Dhariwal & Nichol 2021) as a ``cond_fn``, the
+gradient ∇_z log p(y | z_t, t) of a noise-aware classifier; and classifier-free guidance (Ho &
+Salimans 2022) as the ε-model itself."""
 
 from __future__ import annotations
 
@@ -30,3 +31,20 @@ def classifier_cond_fn(classifier: Callable[[torch.Tensor, torch.Tensor], torch.
         return grad.detach()
 
     return cond_fn
+
+
+def classifier_free_eps(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                        null_label: int, scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The guided ε-model ε̂(z, t) = ε(z, t, ∅) + w · (ε(z, t, y) − ε(z, t, ∅)) for ``model(z, t, y)``.
+
+    w = 0 is the unconditional model, w = 1 the conditional one, w > 1 pushes further toward the
+    class. Both branches run as one batch of twice the size (one UNet call per step).
+    """
+
+    def eps(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = torch.as_tensor(labels, device=z.device).long().expand(z.shape[0])
+        null = torch.full_like(y, null_label)
+        conditional, unconditional = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+        return unconditional + scale * (conditional - unconditional)
+
+    return eps

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 
 from histodiff_ray.diffusion.schedule import NoiseSchedule
@@ -18,10 +17,17 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t, t) -> pr
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"DDIM steps must be in [1, {num_train_timesteps}], got {steps}")
-    ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(int) - 1
-    return [int(t) for t in ts]
+    """``round(T · (steps − i) / steps) − 1`` for i = 0 … steps − 1, in integer arithmetic.
+
+    A float ``arange(T, 0, −T/steps)`` (diffusers' "trailing" spacing) gains a spurious last
+    element for 62 step counts (61, 103, 121, …): a step to ᾱ = 1 half-way and one UNet call at
+    t = −1. Consecutive values here differ by at least T/steps ≥ 1, so the list is strictly
+    decreasing, has exactly ``steps`` entries and ends at round(T/steps) − 1 ≥ 0.
+    """
+    T = num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"DDIM steps must be in [1, {T}], got {steps}")
+    return [(2 * T * (steps - i) + steps) // (2 * steps) - 1 for i in range(steps)]
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ class NoiseSchedule:
         T = cfg.num_train_timesteps
         if cfg.beta_schedule == "linear":
             betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
-        else:  # scaled_linear (Stable Diffusion's)
+        else:  # scaled_linear: LDM's (and the paper's) "linear"
             betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, T, dtype=torch.float64) ** 2
         return cls(betas, torch.cumprod(1.0 - betas, dim=0))
 
@@ -36,3 +36,11 @@ class NoiseSchedule:
         """z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε."""
         a = self.alpha_bar(t, z0)
         return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-γ weights for an ε-prediction loss (Hang et al. 2023): min(SNR_t, γ) / SNR_t, with
+        SNR_t = ᾱ_t / (1 − ᾱ_t). Low-noise steps, whose ε is nearly unpredictable and whose loss
+        dominates the gradient, are down-weighted; high-noise steps keep weight 1."""
+        a = self.alphas_cumprod.to(t.device)[t]
+        snr = a / (1 - a)
+        return (snr.clamp(max=gamma) / snr).float()

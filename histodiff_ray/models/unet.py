@@ -13,7 +13,10 @@ from diffusers import UNet2DModel
 from histodiff_ray.config import UNetConfig
 
 
-def build_unet(cfg: UNetConfig, latent_size: int, latent_channels: int, num_train_timesteps: int = 1000) -> UNet2DModel:
+def build_unet(cfg: UNetConfig, latent_size: int, latent_channels: int, num_train_timesteps: int = 1000,
+               num_classes: int | None = None) -> UNet2DModel:
+    """``num_classes`` adds a class embedding for classifier-free guidance: classes 0…K−1 and the
+    null class K (``null_class``), added to the timestep embedding."""
     channels = [cfg.base_channels * m for m in cfg.channel_mult]
     attention = [2**i in cfg.attention_resolutions for i in range(len(channels))]
     return UNet2DModel(
@@ -31,4 +34,11 @@ def build_unet(cfg: UNetConfig, latent_size: int, latent_channels: int, num_trai
         dropout=cfg.dropout,
         norm_num_groups=32,
         num_train_timesteps=num_train_timesteps,
+        num_class_embeds=None if num_classes is None else num_classes + 1,
     )
+
+
+def null_class(unet: UNet2DModel) -> int | None:
+    """The class index that means "no class" for a class-conditional UNet; None for an unconditional one."""
+    n = unet.config.num_class_embeds
+    return None if n is None else n - 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import os
 import tempfile
 import time
@@ -23,15 +24,16 @@ import time
 import torch
 import torch.nn.functional as F
 
+from histodiff_ray.augment import random_dihedral
 from histodiff_ray.config import config_from_dict
 from histodiff_ray.diffusion.schedule import NoiseSchedule
 from histodiff_ray.metrics import psnr, ssim
-from histodiff_ray.models.autoencoder import build_autoencoder
+from histodiff_ray.models.autoencoder import autoencoder_loss, build_autoencoder
 from histodiff_ray.models.unet import build_unet
 
 
 class AutoencoderObjective(torch.nn.Module):
-    """Reconstruction + KL in one forward, so DDP sees (and syncs) the whole computation."""
+    """Reconstruction and KL in one forward, so DDP sees (and syncs) the whole computation."""
 
     def __init__(self, vae):
         super().__init__()
@@ -40,7 +42,7 @@ class AutoencoderObjective(torch.nn.Module):
     def forward(self, x):
         posterior = self.vae.encode(x).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
-        return recon, posterior.kl().mean()
+        return recon, posterior.kl()  # KL summed over latent dimensions, one value per tile
 
 
 def _save_checkpoint(models: dict, optimizer, state: dict):
@@ -102,8 +104,12 @@ def _progress(kind: str, row: dict, max_steps: int) -> None:
     print(f"[{kind}] step {row['step']}/{max_steps}: {shown}", flush=True)
 
 
-def _set_lr(optimizer, base_lr: float, step: int, warmup: int) -> float:
+def _set_lr(optimizer, base_lr: float, step: int, warmup: int, cosine_to: int | None = None) -> float:
+    """Linear warm-up over ``warmup`` steps; then constant, or a cosine decay to 0 at step ``cosine_to``."""
     lr = base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+    if cosine_to is not None and step >= warmup:
+        progress = min(1.0, (step - warmup) / max(1, cosine_to - warmup))
+        lr = base_lr * 0.5 * (1 + math.cos(math.pi * progress))
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -129,11 +135,11 @@ def autoencoder_loop(config: dict) -> None:
     while step < ae.max_steps:
         for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
             x = batch["image"]
-            recon, kl = model(x)
-            rec_loss = F.l1_loss(recon, x)
-            loss = rec_loss + ae.kl_weight * kl
+            recon, kl_per_tile = model(x)
+            loss, rec_loss, kl = autoencoder_loss(x, recon, kl_per_tile, ae.kl_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            _set_lr(optimizer, ae.lr, step, ae.warmup_steps, cosine_to=ae.max_steps)
             optimizer.step()
             step += 1
             window.append((rec_loss.item(), kl.item(), len(x)))
@@ -204,7 +210,10 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 def diffusion_loop(config: dict) -> None:
     """DDPM ε-prediction training of the latent UNet: pre-training, or fine-tuning when
-    ``config["init_weights"]`` holds a pre-trained state dict (and ``config["finetune"]`` is set)."""
+    ``config["init_weights"]`` holds a pre-trained state dict (and ``config["finetune"]`` is set).
+    With ``config["num_classes"]`` the UNet gets a class embedding for classifier-free guidance:
+    labeled latents train with their class (dropped to the null class with
+    ``guidance.label_dropout``), unlabeled ones (label −1) with the null class."""
     import ray.train
     import ray.train.torch
 
@@ -215,9 +224,15 @@ def diffusion_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed + 1000 * rank)
     device = ray.train.torch.get_device()
     c, side, _ = config["latent_shape"]
-    unet = build_unet(cfg.unet, side, c, d.num_train_timesteps)
+    num_classes = config.get("num_classes")
+    unet = build_unet(cfg.unet, side, c, d.num_train_timesteps, num_classes=num_classes)
     if config.get("init_weights") is not None:
-        unet.load_state_dict(config["init_weights"])
+        missing, unexpected = unet.load_state_dict(config["init_weights"], strict=False)
+        new = {"class_embedding.weight"} if num_classes is not None else set()
+        if set(missing) != new or unexpected:
+            raise RuntimeError(f"pre-trained weights do not fit this UNet: missing {missing}, unexpected {unexpected}")
+        if num_classes is not None:  # zero class embedding: the fine-tune starts as the unconditional model
+            torch.nn.init.zeros_(unet.class_embedding.weight)
     unet.to(memory_format=torch.channels_last)
     ema = EMA(unet, d.ema_decay)
     optimizer = adamw(unet.parameters(), lr=lr)
@@ -236,11 +251,22 @@ def diffusion_loop(config: dict) -> None:
         for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device,
                                               local_shuffle_buffer_size=4 * cfg.data.batch_size):
             z0 = batch["latent"] * scale
+            if cfg.data.augment:
+                z0 = random_dihedral(z0)
             noise = torch.randn_like(z0)
             t = torch.randint(0, d.num_train_timesteps, (len(z0),), device=device)
+            class_labels = None
+            if num_classes is not None:
+                y = batch["label"]
+                dropped = torch.rand(len(y), device=device) < cfg.guidance.label_dropout
+                class_labels = torch.where((y < 0) | dropped, num_classes, y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                pred = model(channels_last(schedule.q_sample(z0, t, noise)), t).sample
-            loss = (F.l1_loss if d.loss == "l1" else F.mse_loss)(pred.float(), noise)
+                pred = model(channels_last(schedule.q_sample(z0, t, noise)), t, class_labels=class_labels).sample
+            err = (pred.float() - noise).abs() if d.loss == "l1" else (pred.float() - noise) ** 2
+            per_sample = err.mean(dim=(1, 2, 3))
+            if d.min_snr_gamma > 0:
+                per_sample = per_sample * schedule.min_snr_weight(t, d.min_snr_gamma)
+            loss = per_sample.mean()
             (loss / d.grad_accum_steps).backward()
             window.append((loss.item(), len(z0)))
             micro += 1
@@ -305,12 +331,14 @@ def classifier_loop(config: dict) -> None:
         for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device,
                                               local_shuffle_buffer_size=4 * cfg.data.batch_size):
             z0, y = batch["latent"] * scale, batch["label"]
+            if cfg.data.augment:
+                z0 = random_dihedral(z0)
             t = torch.randint(0, d.num_train_timesteps, (len(z0),), device=device)
             logits = model(schedule.q_sample(z0, t, torch.randn_like(z0)), t)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            _set_lr(optimizer, c.lr, step, c.warmup_steps)
+            _set_lr(optimizer, c.lr, step, c.warmup_steps, cosine_to=c.max_steps)
             optimizer.step()
             step += 1
             window.append((loss.item(), (logits.argmax(1) == y).float().mean().item()))

@@ -122,7 +122,35 @@ def train_autoencoder(cfg: Config, tiles: list[str], run: str) -> dict:
     val = _union([read_tiles(loc, "val") for loc in locs])
     result = fit(cfg, autoencoder_loop, {}, {"train": train, "val": val}, run_loc)
     _export(result, run_loc, {"vae": "vae"}, {"kind": "autoencoder", "tiles": [l.uri for l in locs], "config": cfg.to_dict()})
+    write_reconstructions(run_loc, locs)
     return read_run_info(run_loc)
+
+
+def write_reconstructions(run: Location, tile_sets: list[Location], per_set: int = 16, columns: int = 8) -> None:
+    """RUN/reconstructions.png: the first val tiles of each tile set, each row of reals followed by
+    the row of their reconstructions (posterior mean, decoded), to look at what the latents keep."""
+    import numpy as np
+    import torch
+
+    from histodiff_ray.data.tiles import decode_images, load_tile_table
+    from histodiff_ray.ldm import save_png, tile_grid
+    from histodiff_ray.models.autoencoder import load_autoencoder
+
+    with tempfile.TemporaryDirectory(prefix="vae-") as tmp:
+        vae = load_autoencoder(download_dir(run.join("model", "vae"), tmp)).eval()
+    real = np.concatenate([decode_images(load_tile_table(loc, "val", columns=["image"]).column("image")[:per_set])
+                           for loc in tile_sets])
+    with torch.no_grad():
+        x = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 127.5 - 1
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    recon = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    blank = np.full((columns, *real.shape[1:]), 255, np.uint8)  # pads a short last row, so reals sit above their own
+
+    def row(tiles):
+        return np.concatenate([tiles, blank[:columns - len(tiles)]])
+
+    rows = [row(block[start:start + columns]) for start in range(0, len(real), columns) for block in (real, recon)]
+    save_png(tile_grid(np.concatenate(rows), columns=columns), run.join("reconstructions.png"))
 
 
 def _union(datasets: list):
@@ -144,10 +172,14 @@ def mix_by_weight(parts: list[tuple[object, int, float]]):
     return _union(pieces)
 
 
-def pretrain(cfg: Config, latents: list[tuple[str, float]], run: str, *, finetune_from: str | None = None) -> dict:
+def pretrain(cfg: Config, latents: list[tuple[str, float]], run: str, *, finetune_from: str | None = None,
+             pseudo_labels_from: str | None = None) -> dict:
     """DDPM training of the latent UNet on one or more latent sets mixed by weight; with
     ``finetune_from`` (a finished diffusion run) it continues from that run's EMA weights with
-    the fine-tuning LR and step budget."""
+    the fine-tuning LR and step budget. A fine-tune with ``guidance.kind: classifier_free`` adds a
+    class embedding and trains on the latent sets' labels (one labeled set; its classes are
+    recorded in run.json), and with ``pseudo_labels_from`` (a judge) on its pseudo-labels too;
+    otherwise labels are unused."""
     from diffusers import DDPMScheduler
 
     init_ray(cfg)
@@ -158,7 +190,7 @@ def pretrain(cfg: Config, latents: list[tuple[str, float]], run: str, *, finetun
     if len(autoencoders) != 1:
         raise HistodiffError(f"latent sets were encoded by different autoencoders {sorted(autoencoders)}; encode them with one")
     vae_dir = autoencoders.pop()
-    init_weights, scale_factor, parent = None, manifests[0]["scale_factor"], None
+    init_weights, scale_factor, parent, classes = None, manifests[0]["scale_factor"], None, None
     if finetune_from is not None:
         parent_loc = open_location(finetune_from, cfg.storage)
         parent = read_run_info(parent_loc)
@@ -166,11 +198,26 @@ def pretrain(cfg: Config, latents: list[tuple[str, float]], run: str, *, finetun
             raise HistodiffError(f"{finetune_from} was trained on latents of {parent.get('autoencoder')}, not {vae_dir}")
         scale_factor = parent["scale_factor"]  # keep the pre-trained model's input scale
         init_weights = _load_unet_weights(parent_loc)
+        if cfg.guidance.kind == "classifier_free":
+            classes = [m["classes"] for m in manifests if m.get("classes")]
+            if len(classes) != 1 or sum(sum(m["labeled_train"].values()) for m in manifests) == 0:
+                raise HistodiffError("guidance.kind=classifier_free fine-tunes on the labels of exactly one labeled latent set; "
+                                     f"got {len(classes)} labeled sets among {[loc.uri for loc in locs]}")
+            classes = classes[0]
+    pseudo, pseudo_summary = None, None
+    if pseudo_labels_from is not None:
+        if classes is None:
+            raise HistodiffError("--pseudo-labels serves a class-conditional fine-tune: set guidance.kind=classifier_free")
+        from histodiff_ray.judge import pseudo_labels
+
+        tiles = next(m["tiles"] for m in manifests if m.get("classes"))
+        pseudo, pseudo_summary = pseudo_labels(cfg, pseudo_labels_from, tiles)
     # Latents are small (a few KB per tile): materialising them once spares every epoch a re-read.
-    parts = [(read_latents(loc, "train").materialize(), sum(m["counts"]["train"].values()), w)
+    parts = [(read_latents(loc, "train", pseudo_labels=pseudo).materialize(), sum(m["counts"]["train"].values()), w)
              for loc, m, (_, w) in zip(locs, manifests, latents)]
     loop_config = {"latent_shape": manifests[0]["latent_shape"], "scale_factor": scale_factor,
-                   "init_weights": init_weights, "finetune": finetune_from is not None}
+                   "init_weights": init_weights, "finetune": finetune_from is not None,
+                   "num_classes": len(classes) if classes else None}
     result = fit(cfg, diffusion_loop, loop_config, {"train": mix_by_weight(parts)}, run_loc)
     d = cfg.diffusion
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(prefix="vae-") as vae_tmp:
@@ -180,7 +227,7 @@ def pretrain(cfg: Config, latents: list[tuple[str, float]], run: str, *, finetun
         _export(result, run_loc, {"unet_ema": "unet"}, {
             "kind": "ldm", "autoencoder": vae_dir, "scale_factor": scale_factor, "latent_shape": manifests[0]["latent_shape"],
             "latents": [{"uri": loc.uri, "weight": w} for loc, (_, w) in zip(locs, latents)],
-            "finetuned_from": finetune_from, "config": cfg.to_dict(),
+            "finetuned_from": finetune_from, "classes": classes, "pseudo_labels": pseudo_summary, "config": cfg.to_dict(),
         }, extra_dirs={"scheduler": tmp, "vae": vae_local})
     return read_run_info(run_loc)
 
@@ -193,9 +240,10 @@ def _load_unet_weights(run: Location) -> dict:
         return load_file(os.path.join(local, "diffusion_pytorch_model.safetensors"))
 
 
-def train_classifier(cfg: Config, latents: str, ldm_run: str, run: str) -> dict:
+def train_classifier(cfg: Config, latents: str, ldm_run: str, run: str, pseudo_labels_from: str | None = None) -> dict:
     """Train the noise-aware latent classifier that guides sampling from ``ldm_run``: on the
-    labeled train latents, at the diffusion model's latent scale and noise schedule."""
+    labeled train latents (plus the judge's pseudo-labels with ``pseudo_labels_from``), at the
+    diffusion model's latent scale and noise schedule."""
     from histodiff_ray.train.loops import classifier_loop
 
     init_ray(cfg)
@@ -210,13 +258,18 @@ def train_classifier(cfg: Config, latents: str, ldm_run: str, run: str) -> dict:
         raise HistodiffError(f"{latents} has {labeled} labeled train tiles, fewer than one batch per worker "
                              f"(data.batch_size={cfg.data.batch_size} × ray.num_workers={cfg.ray.num_workers}); lower data.batch_size")
     classes = manifest["classes"]
+    pseudo, pseudo_summary = None, None
+    if pseudo_labels_from is not None:
+        from histodiff_ray.judge import pseudo_labels
+
+        pseudo, pseudo_summary = pseudo_labels(cfg, pseudo_labels_from, manifest["tiles"])
     loop_config = {"latent_shape": manifest["latent_shape"], "scale_factor": ldm["scale_factor"], "num_classes": len(classes)}
-    datasets = {"train": read_latents(latents_loc, "train", labeled_only=True).materialize(),
+    datasets = {"train": read_latents(latents_loc, "train", labeled_only=True, pseudo_labels=pseudo).materialize(),
                 "val": read_latents(latents_loc, "val").materialize()}
     result = fit(cfg, classifier_loop, loop_config, datasets, run_loc)
     _export(result, run_loc, {"classifier": "classifier"}, {
         "kind": "classifier", "latents": latents_loc.uri, "ldm": ldm_run, "autoencoder": manifest["autoencoder"],
         "classes": classes, "scale_factor": ldm["scale_factor"], "latent_shape": manifest["latent_shape"],
-        "config": cfg.to_dict(),
+        "pseudo_labels": pseudo_summary, "config": cfg.to_dict(),
     })
     return read_run_info(run_loc)

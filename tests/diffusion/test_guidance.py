@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from histodiff_ray.config import load_config
-from histodiff_ray.diffusion.guidance import classifier_cond_fn
+from histodiff_ray.diffusion.guidance import classifier_cond_fn, classifier_free_eps
 from histodiff_ray.diffusion.sampler import ddim_sample
 from histodiff_ray.diffusion.schedule import NoiseSchedule
 from histodiff_ray.models.classifier import NoiseAwareClassifier
@@ -193,3 +193,39 @@ def test_guided_sampling_runs_for_any_step_count(steps, eta):
     out = ddim_sample(mixture_eps, SCHEDULE, (1, *SHAPE), steps=steps, eta=eta, generator=torch.Generator().manual_seed(0),
                       cond_fn=cond_fn, guidance_scale=10.0)
     assert out.shape == (1, *SHAPE) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def class_conditional_eps(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Exact ε for the two-blob problem given the class: blob y's ε, or the mixture's for the null class 2."""
+    a = SCHEDULE.alpha_bar(t, z)
+    var = a * SIGMA**2 + 1 - a
+    own = (1 - a).sqrt() * (z - a.sqrt() * MEANS[y.clamp(max=1)]) / var
+    return torch.where((y == 2).view(-1, 1, 1, 1), mixture_eps(z, t), own)
+
+
+def test_classifier_free_eps_is_the_linear_extrapolation_of_its_two_branches():
+    z = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([100, 500, 900])
+    labels = torch.tensor([0, 1, 0])
+    uncond, cond = mixture_eps(z, t), class_conditional_eps(z, t, labels)
+    for w in (0.0, 1.0, 3.0):
+        got = classifier_free_eps(class_conditional_eps, labels, null_label=2, scale=w)(z, t)
+        torch.testing.assert_close(got, uncond + w * (cond - uncond), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_classifier_free_guidance_lands_on_class_y_and_more_so_at_larger_scale(eta):
+    n = 64
+    labels = torch.arange(n) % 2
+    noise = torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(11))
+
+    def hit_rate(w):
+        eps = classifier_free_eps(class_conditional_eps, labels, null_label=2, scale=w)
+        out = ddim_sample(eps, SCHEDULE, (n, *SHAPE), steps=25, eta=eta, noise=noise,
+                          generator=[torch.Generator().manual_seed(100 + i) for i in range(n)])
+        log_post = blob_log_posterior(out, torch.zeros(n, dtype=torch.long))
+        return (log_post.argmax(1) == labels).float().mean().item()
+
+    unguided, conditional, guided = hit_rate(0.0), hit_rate(1.0), hit_rate(3.0)
+    assert 0.2 < unguided < 0.8, unguided  # the null class samples both blobs
+    assert conditional >= 0.95 and guided >= conditional, (unguided, conditional, guided)

@@ -116,3 +116,4 @@ def test_config_accepts_good_values():
     cfg = load_config("cpu", ["classifier.width=64", "classifier.channel_mult=1,2", "classifier.num_heads=8",
                               "classifier.attention_resolutions=[1,2]"])
     assert cfg.classifier.channel_mult == [1, 2] and cfg.classifier.num_heads == 8
+
