@@ -3,8 +3,8 @@
     histodiff pipeline --config cpu --labeled ../shared/data/crc5/train --unlabeled ../shared/data/unlabeled \\
         --workdir s3://work/crc5 data.label_fraction=0.05
 
-ingest → autoencoder → latents → pretrain → finetune → classifier → judge → generate → evaluate →
-report. Each stage writes under ``WORKDIR/<stage>-<hash>``, where the hash covers the config
+ingest → autoencoder → latents → pretrain → finetune → classifier (with ``guidance.kind:
+classifier``) → judge → generate → fidelity → evaluate → report. Each stage writes under ``WORKDIR/<stage>-<hash>``, where the hash covers the config
 sections the stage reads and the hashes of the stages it builds on; ``WORKDIR/stages/<stage>-<hash>.json``
 marks it done. A rerun skips the stages whose marker exists for the same hash, and a stage that was
 interrupted resumes (ingest skips stored files, training resumes from its latest checkpoint,
@@ -27,11 +27,12 @@ STAGE_KEYS = {
                "data.label_fraction", "data.tissue_fraction", "data.max_image_pixels", "data.tiles_per_shard"],
     "autoencoder": ["seed", "autoencoder", "data.batch_size", "data.augment", "ray.num_workers"],
     "latents": [],
-    "pretrain": ["seed", "unet", "diffusion", "data.batch_size", "ray.num_workers"],
-    "finetune": ["seed", "diffusion", "data.batch_size", "ray.num_workers"],
-    "classifier": ["seed", "classifier", "data.batch_size", "ray.num_workers"],
+    "pretrain": ["seed", "unet", "diffusion", "data.batch_size", "data.augment", "ray.num_workers"],
+    "finetune": ["seed", "diffusion", "guidance", "data.batch_size", "data.augment", "ray.num_workers"],
+    "classifier": ["seed", "classifier", "data.batch_size", "data.augment", "ray.num_workers"],
     "judge": ["seed", "downstream"],
-    "generate": ["seed", "sampling", "selection", "generate"],
+    "generate": ["seed", "sampling", "guidance", "selection", "generate"],
+    "fidelity": ["seed", "downstream"],
     "evaluate": ["evaluate", "downstream"],
 }
 
@@ -88,6 +89,7 @@ def run_pipeline(cfg: Config, *, labeled: str, unlabeled: list[str], workdir: st
     from histodiff_ray.data.ingest import ingest
     from histodiff_ray.data.latents import encode_latents
     from histodiff_ray.evaluate import evaluate
+    from histodiff_ray.fidelity import fidelity
     from histodiff_ray.generate import generate
     from histodiff_ray.judge import train_judge
     from histodiff_ray.report import build_report
@@ -116,19 +118,25 @@ def run_pipeline(cfg: Config, *, labeled: str, unlabeled: list[str], workdir: st
     pre = s.run("pretrain", h_pre, lambda out: pretrain(cfg, [(lat_pool, 1.0)], out)["final_metrics"])
     h_ft = stage_hash(cfg, "finetune", h_pre, h_lat_t)
     ft = s.run("finetune", h_ft, lambda out: pretrain(cfg, [(lat_target, 1.0)], out, finetune_from=pre)["final_metrics"])
-    h_clf = stage_hash(cfg, "classifier", h_ft, h_lat_t)
-    clf = s.run("classifier", h_clf, lambda out: train_classifier(cfg, lat_target, ft, out)["final_metrics"])
+    runs = {"autoencoder": ae, "pretrain": pre, "finetune": ft}
+    clf, h_guide = None, h_ft  # classifier-free guidance: the fine-tuned UNet guides itself
+    if cfg.guidance.kind == "classifier":
+        h_guide = stage_hash(cfg, "classifier", h_ft, h_lat_t)
+        clf = runs["classifier"] = s.run("classifier", h_guide,
+                                         lambda out: train_classifier(cfg, lat_target, ft, out)["final_metrics"])
     h_judge = stage_hash(cfg, "judge", h_target)
     judge = s.run("judge", h_judge, lambda out: train_judge(cfg, target, out))
-    h_gen = stage_hash(cfg, "generate", h_ft, h_clf, h_judge)
+    h_gen = stage_hash(cfg, "generate", h_ft, h_guide, h_judge)
     syn = s.run("synthetic", h_gen, lambda out: generate(cfg, ldm=ft, classifier=clf, judge=judge, tiles=target, output=out))
+    h_fid = stage_hash(cfg, "fidelity", h_gen)
+    fid = s.run("fidelity", h_fid, lambda out: {"classes": list(fidelity(cfg, target, {cfg.guidance.kind: syn},
+                                                                          f"{out}/oracle", out)["classes"])})
     h_eval = stage_hash(cfg, "evaluate", h_gen)
     ev = s.run("evaluation", h_eval, lambda out: {"arms": list(evaluate(cfg, target, out, synthetic={"pretrained": syn}, judge=judge)["arms"])})
     report = build_report(cfg, tiles=target, output=open_location(workdir, cfg.storage).join("report").uri, synthetic=syn,
-                          evaluation=ev, runs={"autoencoder": ae, "pretrain": pre, "finetune": ft, "classifier": clf},
-                          title=title, notes=(notes or []) + [f"stage timings (s): {s.timings()}"])
+                          evaluation=ev, runs=runs, fidelity=fid, title=title, notes=(notes or []) + [f"stage timings (s): {s.timings()}"])
     print(f"[pipeline] report: {report}", flush=True)
-    return {"report": report, "evaluation": ev, "synthetic": syn, "timings": s.timings()}
+    return {"report": report, "evaluation": ev, "synthetic": syn, "fidelity": fid, "timings": s.timings()}
 
 
 def _brief(manifest: dict) -> dict:

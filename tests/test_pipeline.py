@@ -49,7 +49,7 @@ def test_pipeline_resumes_after_a_kill_and_skips_finished_stages(s3, s3_override
     for stage in done_before:
         assert f"[pipeline] {stage}: done before" in rerun.stdout
     assert set(_markers(work)) == {"tiles-target", "autoencoder", "latents-target", "pretrain", "finetune", "classifier",
-                                   "judge", "synthetic", "evaluation"}
+                                   "judge", "synthetic", "fidelity", "evaluation"}
     result = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert result["report"].endswith("report/report.html") and exists(open_location(result["report"], cfg.storage))
 
