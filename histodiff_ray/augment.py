@@ -18,5 +18,10 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each sample of the batch N × … × H × W in its own random orientation (square H = W)."""
-    ks = torch.randint(0, 8, (x.shape[0],), generator=generator).tolist()
-    return torch.stack([dihedral(sample, k) for sample, k in zip(x, ks)])
+    ks = torch.randint(0, 8, (x.shape[0],), generator=generator)
+    out = torch.empty_like(x)
+    for k in range(8):  # one batched op per group element, not one per sample
+        idx = (ks == k).nonzero().flatten()
+        if len(idx):
+            out[idx] = dihedral(x[idx], k)
+    return out

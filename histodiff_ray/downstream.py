@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from histodiff_ray.augment import random_dihedral
 from histodiff_ray.config import DownstreamConfig
 from histodiff_ray.metrics import macro_f1  # noqa: F401  (sklearn macro-F1, zero_division=0; re-exported)
 
@@ -45,15 +46,7 @@ def classic_augment(x: torch.Tensor, generator: torch.Generator, jitter: float =
     """Classic augmentation for H&E tiles in [-1, 1]: a random rotation by k·90° and flip (tissue
     has no orientation) and brightness / contrast / saturation jitter of ±``jitter`` (staining and
     scanner variation)."""
-    k = torch.randint(0, 4, (len(x),), generator=generator)
-    flip = torch.randint(0, 2, (len(x),), generator=generator).bool()
-    out = torch.empty_like(x)
-    for r in range(4):
-        for f in (False, True):
-            idx = ((k == r) & (flip == f)).nonzero().flatten()
-            if len(idx):
-                v = torch.rot90(x[idx], r, dims=(2, 3))
-                out[idx] = v.flip(3) if f else v
+    out = random_dihedral(x, generator)
     if jitter > 0:
         b, c, s = (1 + jitter * (2 * torch.rand(3, len(x), 1, 1, 1, generator=generator) - 1)).unbind(0)
         grey = out.mean(dim=1, keepdim=True)
