@@ -69,7 +69,7 @@ def make_artifacts(cfg, root: Path, tiles_per_class: int = 8) -> dict:
     build_autoencoder(cfg.autoencoder, cfg.data.tile_size).save_pretrained(root / "ldm" / "model" / "vae")
     (root / "ldm" / "run.json").write_text(json.dumps({"kind": "ldm", "config": cfg.to_dict(), "scale_factor": 1.0,
                                                        "latent_shape": [c, side, side], "autoencoder": "random"}))
-    build_classifier(cfg.classifier, c, side, len(classes)).save_pretrained(root / "guide" / "model" / "classifier")
+    build_classifier(cfg.classifier, c, side, len(classes), unet=cfg.unet if cfg.classifier.init_from_unet else None).save_pretrained(root / "guide" / "model" / "classifier")
     (root / "guide" / "run.json").write_text(json.dumps({"kind": "classifier", "classes": classes}))
     judge = build_tile_classifier(cfg.downstream.arch, len(classes), cfg.data.tile_size)
     save_tile_classifier(judge, cfg.downstream.arch, classes, cfg.data.tile_size, str(root / "judge"))
@@ -84,12 +84,12 @@ def sampler_rate(args_, cfg, guided: bool, batch: int) -> float:
     """Tiles/s of our sampler (one thread), guided or not."""
     from histodiff_ray.diffusion.guidance import classifier_cond_fn
     from histodiff_ray.ldm import LatentDiffusion
-    from histodiff_ray.models.classifier import NoiseAwareClassifier
+    from histodiff_ray.models.classifier import load_classifier
     from histodiff_ray.storage import open_location
 
     torch.set_num_threads(1)
     ldm = LatentDiffusion.from_run(open_location(args_["ldm"], cfg.storage), device="cpu")
-    guide = (NoiseAwareClassifier.from_pretrained(f"{args_['classifier']}/model/classifier")
+    guide = (load_classifier(f"{args_['classifier']}/model/classifier")
              .to(memory_format=torch.channels_last).eval().requires_grad_(False))  # as the generate actors load it
     cond = classifier_cond_fn(guide, torch.zeros(batch, dtype=torch.long)) if guided else None
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
@@ -109,14 +109,14 @@ def official_scheme_rate(args_, cfg, batch: int, iterations: int, out: Path) -> 
 
     from histodiff_ray.diffusion.sampler import ddim_sample
     from histodiff_ray.ldm import LatentDiffusion
-    from histodiff_ray.models.classifier import NoiseAwareClassifier
+    from histodiff_ray.models.classifier import load_classifier
     from histodiff_ray.storage import open_location
 
     torch.set_num_threads(os.cpu_count() or 1)
     ldm = LatentDiffusion.from_run(open_location(args_["ldm"], cfg.storage), device="cpu")
     # The official code keeps its models in PyTorch's default (contiguous) layout.
     ldm.unet, ldm.vae = ldm.unet.to(memory_format=torch.contiguous_format), ldm.vae.to(memory_format=torch.contiguous_format)
-    classifier = NoiseAwareClassifier.from_pretrained(f"{args_['classifier']}/model/classifier").eval()
+    classifier = load_classifier(f"{args_['classifier']}/model/classifier").eval()
     y = torch.zeros(batch, dtype=torch.long)
 
     def cond_fn(x, t):  # as in sample_diffusion.py

@@ -365,8 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ldm", required=True, help="the finished (fine-tuned) diffusion run this classifier will guide")
     p.add_argument("--run", required=True, help="run folder (local or s3://)")
     p.add_argument("--pseudo-labels", default=None, metavar="JUDGE",
-                   help="also train on this judge's labels for unlabeled train tiles it is sure of "
-                        "(guidance.pseudo_label_threshold); val and test labels are never used")
+                   help="also learn this judge's class probabilities on every unlabeled train tile "
+                        "(distillation); val and test labels are never used")
     _add_config(p)
     p.set_defaults(func=cmd_train_classifier)
 

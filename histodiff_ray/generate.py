@@ -97,7 +97,7 @@ class Synthesizer:
         from histodiff_ray.config import StorageConfig
         from histodiff_ray.judge import load_judge
         from histodiff_ray.ldm import LatentDiffusion
-        from histodiff_ray.models.classifier import NoiseAwareClassifier
+        from histodiff_ray.models.classifier import load_classifier
         from histodiff_ray.storage import download_dir
 
         torch.set_num_threads(threads)
@@ -111,7 +111,7 @@ class Synthesizer:
         if src["classifier"] is not None:
             with tempfile.TemporaryDirectory(prefix="guide-") as tmp:
                 local = download_dir(open_location(src["classifier"], st).join("model", "classifier"), tmp)
-                self.guide = (NoiseAwareClassifier.from_pretrained(local)
+                self.guide = (load_classifier(local)
                               .to(self.ldm.device, memory_format=torch.channels_last).eval().requires_grad_(False))
         self.judge, _, self.centroids = load_judge(src["judge"], st)
         self.real_thumbs = ray.get(real_thumbs) if isinstance(real_thumbs, ray.ObjectRef) else real_thumbs

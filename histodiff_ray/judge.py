@@ -85,10 +85,9 @@ def load_judge(judge_dir: str, storage) -> tuple[torch.nn.Module, dict, np.ndarr
     return model, config, centroids
 
 
-def pseudo_labels(cfg: Config, judge_dir: str, tiles: str) -> tuple[dict[str, int], dict]:
-    """Labels for the tile set's *unlabeled train* tiles from the judge, where its confidence is at
-    least ``guidance.pseudo_label_threshold``: tile_id → class, and a summary (counts per class).
-    Val and test tiles are never labeled this way, and labeled tiles keep their own labels."""
+def judge_probabilities(cfg: Config, judge_dir: str, tiles: str) -> tuple[dict[str, list[float]], dict]:
+    """The judge's class probabilities for every *unlabeled train* tile of the tile set: tile_id →
+    probabilities, and a summary. Val and test tiles are never labeled this way."""
     tiles_loc = open_location(tiles, cfg.storage)
     classes = require_manifest(tiles_loc)["classes"]
     model, config, _ = load_judge(judge_dir, cfg.storage)
@@ -97,9 +96,20 @@ def pseudo_labels(cfg: Config, judge_dir: str, tiles: str) -> tuple[dict[str, in
     table = load_tile_table(tiles_loc, "train", columns=["tile_id", "image", "labeled"])
     unlabeled = table.filter(pc.invert(table.column("labeled")))
     probs, _ = predict(model, decode_images(unlabeled.column("image")))
-    confident = probs.max(1) >= cfg.guidance.pseudo_label_threshold
-    ids = np.asarray(unlabeled.column("tile_id").to_pylist(), dtype=object)[confident]
-    labels = probs.argmax(1)[confident]
-    summary = {"judge": judge_dir, "threshold": cfg.guidance.pseudo_label_threshold, "unlabeled": unlabeled.num_rows,
-               "kept": {name: int((labels == k).sum()) for k, name in enumerate(classes)}}
-    return dict(zip(ids.tolist(), labels.tolist())), summary
+    best = probs.argmax(1)
+    summary = {"judge": judge_dir, "unlabeled": unlabeled.num_rows,
+               "most_likely": {name: int((best == k).sum()) for k, name in enumerate(classes)}}
+    return dict(zip(unlabeled.column("tile_id").to_pylist(), probs.astype(np.float32).tolist())), summary
+
+
+def pseudo_labels(cfg: Config, judge_dir: str, tiles: str) -> tuple[dict[str, int], dict]:
+    """Hard labels for the unlabeled train tiles where the judge's confidence is at least
+    ``guidance.pseudo_label_threshold``: tile_id → class, and a summary (counts per class). Labeled
+    tiles keep their own labels."""
+    probs, summary = judge_probabilities(cfg, judge_dir, tiles)
+    threshold = cfg.guidance.pseudo_label_threshold
+    labels = {tile: int(np.argmax(p)) for tile, p in probs.items() if max(p) >= threshold}
+    classes = list(summary["most_likely"])
+    summary = {"judge": judge_dir, "threshold": threshold, "unlabeled": summary["unlabeled"],
+               "kept": {name: sum(1 for k in labels.values() if k == i) for i, name in enumerate(classes)}}
+    return labels, summary

@@ -38,7 +38,7 @@ def test_classifier_reports_val_accuracy_per_noise_bucket_and_loads_from_its_fol
 
     import torch
 
-    from histodiff_ray.models.classifier import NoiseAwareClassifier
+    from histodiff_ray.models.classifier import load_classifier
     from histodiff_ray.storage import download_dir
 
     cfg, _, root, _, info, judge = models
@@ -48,7 +48,7 @@ def test_classifier_reports_val_accuracy_per_noise_bucket_and_loads_from_its_fol
     assert final["val_tiles"] > 0 and info["classes"] == ["AC", "H"] and info["step"] == 4
     with tempfile.TemporaryDirectory() as tmp:
         local = download_dir(open_location(f"{root}/classifier/model/classifier", cfg.storage), tmp)
-        model = NoiseAwareClassifier.from_pretrained(local)
+        model = load_classifier(local)
         assert model(torch.zeros(3, 4, 16, 16), torch.tensor([0, 500, 999])).shape == (3, 2)
     assert judge["classes"] == ["AC", "H"] and 0 <= judge["val_macro_f1"] <= 1
 
@@ -147,7 +147,7 @@ def test_generate_refuses_to_mix_settings_in_one_output(models):
     from histodiff_ray.generate import generate
 
     cfg, overrides, root, args, _, _ = models
-    other = load_config("cpu", overrides + ["sampling.guidance_scale=3"])
+    other = load_config("cpu", overrides + ["sampling.guidance_scale=7"])
     with pytest.raises(HistodiffError, match="other settings .*sampling"):
         generate(other, **args, output=f"{root}/clean", per_class=PER_CLASS, progress=False)
 
@@ -216,7 +216,7 @@ def test_classifier_free_guidance_fine_tunes_with_classes_and_generates_without_
 def test_pseudo_labels_come_from_the_judge_for_unlabeled_train_tiles_only(models, tmp_path, shared_data):
     from histodiff_ray.data.ingest import ingest
     from histodiff_ray.data.tiles import load_tile_table
-    from histodiff_ray.judge import pseudo_labels
+    from histodiff_ray.judge import judge_probabilities, pseudo_labels
     from tests.data.test_ingest import make_labeled_input
 
     cfg, overrides, _, args, _, _ = models
@@ -231,3 +231,6 @@ def test_pseudo_labels_come_from_the_judge_for_unlabeled_train_tiles_only(models
     assert sum(summary["kept"].values()) == len(labels) == summary["unlabeled"]
     strict = load_config("cpu", overrides + ["data.label_fraction=0.5", "guidance.pseudo_label_threshold=1.0"])
     assert len(pseudo_labels(strict, args["judge"], str(tmp_path / "tiles"))[0]) < len(labels)
+    probs, _ = judge_probabilities(half, args["judge"], str(tmp_path / "tiles"))  # what the guide distills
+    assert set(probs) == unlabeled and all(len(p) == 2 and abs(sum(p) - 1) < 1e-4 for p in probs.values())
+    assert all(int(np.argmax(probs[t])) == k for t, k in labels.items())

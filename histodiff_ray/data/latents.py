@@ -129,31 +129,48 @@ def load_latent_manifest(root: Location) -> dict:
     return manifest
 
 
-def decode_latents(batch: dict, shape: list[int], pseudo_labels: dict[str, int] | None = None) -> dict:
+def decode_latents(batch: dict, shape: list[int], pseudo_labels: dict[str, int] | None = None,
+                   soft_labels: dict[str, list[float]] | None = None) -> dict:
     """Float32 latents, and labels with −1 wherever the label may not be used (``labeled`` false),
-    unless ``pseudo_labels`` (tile_id → class) gives one."""
+    unless ``pseudo_labels`` (tile_id → class) gives one.
+
+    ``soft_labels`` (tile_id → class probabilities, for distillation) adds a ``target`` column: one-hot
+    for labeled tiles, the given probabilities for unlabeled ones (labeled then with their most likely
+    class), zeros for the rest."""
     latents = np.stack([np.frombuffer(b, np.float16).reshape(shape) for b in batch["latent"]]).astype(np.float32)
     labels = np.where(np.asarray(batch["labeled"], dtype=bool), np.asarray(batch["label"], dtype=np.int64), -1)
     if pseudo_labels:
         guessed = np.array([pseudo_labels.get(t, -1) for t in batch["tile_id"]], dtype=np.int64)
         labels = np.where(labels < 0, guessed, labels)
-    return {"latent": latents, "label": labels}
+    out = {"latent": latents, "label": labels}
+    if soft_labels:
+        target = np.zeros((len(labels), len(next(iter(soft_labels.values())))), np.float32)
+        for i, tile in enumerate(batch["tile_id"]):
+            if labels[i] >= 0:
+                target[i, labels[i]] = 1.0
+            elif tile in soft_labels:
+                target[i] = soft_labels[tile]
+                labels[i] = int(target[i].argmax())
+        out["target"] = target
+    return out
 
 
 def read_latents(root: Location, split: str | None = "train", labeled_only: bool = False,
-                 pseudo_labels: dict[str, int] | None = None):
+                 pseudo_labels: dict[str, int] | None = None, soft_labels: dict[str, list[float]] | None = None):
     """A Ray Dataset of float32 latents (unscaled) with labels (−1 where unlabeled); ``pseudo_labels``
-    (tile_id → class) labels unlabeled tiles, and ``labeled_only`` keeps the tiles with a label."""
+    (tile_id → class) or ``soft_labels`` (tile_id → probabilities, see ``decode_latents``) label
+    unlabeled tiles, and ``labeled_only`` keeps the tiles with a label."""
     from ray.data.expressions import col, lit
 
     manifest = load_latent_manifest(root)
     ds = read_parquet([root.join(s["path"]).path for s in manifest["shards"]], root.filesystem)
     if split is not None:
         ds = ds.filter(expr=col("split") == lit(split))
-    if labeled_only and not pseudo_labels:
+    guessed = pseudo_labels or soft_labels
+    if labeled_only and not guessed:
         ds = ds.filter(expr=col("labeled") == lit(True))
     ds = ds.select_columns(["latent", "label", "labeled", "tile_id"]).map_batches(
-        decode_latents, fn_kwargs={"shape": manifest["latent_shape"], "pseudo_labels": pseudo_labels},
+        decode_latents, fn_kwargs={"shape": manifest["latent_shape"], "pseudo_labels": pseudo_labels, "soft_labels": soft_labels},
         batch_format="numpy", batch_size=1024,
     )
-    return ds.filter(expr=col("label") >= lit(0)) if labeled_only and pseudo_labels else ds
+    return ds.filter(expr=col("label") >= lit(0)) if labeled_only and guessed else ds

@@ -106,21 +106,8 @@ def decode_batch(batch: dict[str, np.ndarray], augment: bool = False, seed: int 
     return out
 
 
-def read_tiles(
-    root: Location,
-    split: str | None = "train",
-    *,
-    labeled_only: bool = False,
-    sources: list[str] | None = None,
-    augment: bool = False,
-    batch_size: int = 256,
-    keep_ids: bool = False,
-):
-    """A Ray Dataset of decoded tiles from the tile set at ``root``.
-
-    ``split``: one of train/val/test, or None for all. ``labeled_only``: only tiles whose label may
-    be used for training. ``sources``: restrict to these source names.
-    """
+def _tile_rows(root: Location, split: str | None, labeled_only: bool, sources: list[str] | None, keep_ids: bool):
+    """The undecoded rows (PNG bytes and labels) of one tile set, filtered."""
     from ray.data.expressions import col, lit
 
     if split is not None and split not in SPLITS:
@@ -139,8 +126,32 @@ def read_tiles(
         if missing:
             raise TileSetError(f"source(s) {missing} are not in the tile set at {root}; it holds {sorted(known)}")
         ds = ds.filter(expr=col("source").is_in(list(sources)))
-    columns = ["image", "label"] + (["tile_id"] if keep_ids else [])
-    ds = ds.select_columns(columns)
+    return ds.select_columns(["image", "label"] + (["tile_id"] if keep_ids else []))
+
+
+def read_tiles(
+    root: Location | list[Location],
+    split: str | None = "train",
+    *,
+    labeled_only: bool = False,
+    sources: list[str] | None = None,
+    augment: bool = False,
+    shuffle: bool = False,
+    batch_size: int = 256,
+    keep_ids: bool = False,
+):
+    """A Ray Dataset of decoded tiles from the tile set at ``root`` (or the tile sets, one after another).
+
+    ``split``: one of train/val/test, or None for all. ``labeled_only``: only tiles whose label may
+    be used for training. ``sources``: restrict to these source names. ``shuffle``: a fresh random
+    order over all tiles at every pass, before decoding (PNG bytes are small to move). Training
+    needs it when it reads several tile sets: they would otherwise stream one after the other and
+    the model would learn the last one and forget the rest.
+    """
+    parts = [_tile_rows(r, split, labeled_only, sources, keep_ids) for r in (root if isinstance(root, list) else [root])]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if shuffle:
+        ds = ds.random_shuffle()
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"augment": augment},

@@ -40,3 +40,11 @@ def autoencoder_loss(x: torch.Tensor, recon: torch.Tensor, kl_per_tile: torch.Te
     rec = (x - recon).abs().mean()
     kl = kl_per_tile.mean()
     return rec + kl_weight * kl / x[0].numel(), rec, kl
+
+
+def decoder_loss(x: torch.Tensor, recon: torch.Tensor) -> tuple:
+    """The decoder-only phase's objective (encoder frozen): mean L1 + mean squared error. PSNR is an
+    MSE measure, and L1 alone leaves the mean colour a little off. Returns (loss, mean L1, MSE)."""
+    l1 = (x - recon).abs().mean()
+    mse = ((x - recon) ** 2).mean()
+    return l1 + mse, l1, mse

@@ -1,10 +1,12 @@
 """The noise-aware latent classifier p(y | z_t, t) used for classifier guidance.
 
-After guided-diffusion's ``EncoderUNetModel`` (Dhariwal & Nichol 2021): a sinusoidal timestep
-embedding and MLP, the encoder half of a UNet (ResBlocks with GroupNorm, SiLU and scale-shift time
-conditioning; ResBlock downsampling between levels; self-attention at the downsample rates listed in
-``attention_resolutions``, 2**level as in models/unet.py), a middle block (ResBlock, attention,
-ResBlock), GroupNorm + SiLU, then pooling to one vector per sample and a linear head.
+After guided-diffusion's ``EncoderUNetModel`` (Dhariwal & Nichol 2021): the encoder half of the
+latent UNet of models/unet.py, built from the same diffusers blocks with the same parameter names
+(a sinusoidal timestep embedding and MLP, ResBlocks with scale-shift time conditioning, ResBlock
+downsampling between levels, self-attention at the downsample rates in ``attention_resolutions``,
+the middle block), then GroupNorm + SiLU, pooling to one vector per sample and a linear head. Sharing
+the UNet's layout lets ``init_from_unet`` start the classifier from a trained denoiser, whose
+features already see through the noise at every t (``classifier.init_from_unet``).
 
 ``pool="attention"`` is guided-diffusion's / CLIP's AttentionPool2d: the mean token is prepended to
 the spatial tokens, a learnable positional embedding is added, and the mean token attends to all of
@@ -18,13 +20,14 @@ import math
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from histodiff_ray.config import ClassifierConfig
+from histodiff_ray.config import ClassifierConfig, UNetConfig
+from histodiff_ray.models.unet import build_unet
+
+# The UNet's parameters that the classifier shares (its up path and output layers it has not).
+UNET_ENCODER = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.")
 
 
 class AttentionPool2d(nn.Module):
@@ -56,41 +59,23 @@ class NoiseAwareClassifier(ModelMixin, ConfigMixin):
         num_heads: int = 4,
         pool: str = "attention",
         dropout: float = 0.0,
+        resnet_time_scale_shift: str = "scale_shift",
+        resblock_updown: bool = True,
     ):
         super().__init__()
         if pool not in ("attention", "mean"):
             raise ValueError(f"pool must be 'attention' or 'mean', got {pool!r}")
         if sample_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"sample_size {sample_size} does not allow {len(channel_mult) - 1} downsamplings")
-        head_dim = max(1, width // num_heads)
-        groups = math.gcd(32, width)  # GroupNorm(32) as in guided-diffusion, fewer for narrow widths
-        temb = 4 * width
-        self.time_proj = Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0)  # guided-diffusion's [cos, sin]
-        self.time_embed = TimestepEmbedding(width, temb)
-
-        def res(cin: int, cout: int, down: bool = False) -> ResnetBlock2D:
-            return ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=temb, groups=groups, eps=1e-5,
-                                 dropout=dropout, time_embedding_norm="scale_shift", down=down)
-
-        def attn(ch: int) -> Attention:
-            return Attention(ch, heads=ch // head_dim, dim_head=head_dim, norm_num_groups=groups, eps=1e-5,
-                             residual_connection=True, bias=True, upcast_softmax=True, _from_deprecated_attn_block=True)
-
-        ch = width * channel_mult[0]
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        blocks: list[nn.Module] = []
-        for level, mult in enumerate(channel_mult):
-            for _ in range(depth):
-                blocks.append(res(ch, width * mult))
-                ch = width * mult
-                if 2**level in attention_resolutions:
-                    blocks.append(attn(ch))
-            if level < len(channel_mult) - 1:
-                blocks.append(res(ch, ch, down=True))
-        self.down = nn.ModuleList(blocks)
-        self.mid = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
-        self.norm_out = nn.GroupNorm(groups, ch, eps=1e-5)
+        unet = build_unet(UNetConfig(base_channels=width, channel_mult=list(channel_mult), attention_resolutions=list(attention_resolutions),
+                                     num_heads=num_heads, layers_per_block=depth, resnet_time_scale_shift=resnet_time_scale_shift,
+                                     resblock_updown=resblock_updown, dropout=dropout), sample_size, in_channels)
+        self.time_proj, self.time_embedding, self.conv_in = unet.time_proj, unet.time_embedding, unet.conv_in
+        self.down_blocks, self.mid_block = unet.down_blocks, unet.mid_block
+        ch = width * channel_mult[-1]
+        self.norm_out = nn.GroupNorm(math.gcd(32, width), ch, eps=1e-5)
         final_size = sample_size // 2 ** (len(channel_mult) - 1)
+        head_dim = max(1, width // num_heads)
         self.attn_pool = AttentionPool2d(final_size, ch, max(1, ch // head_dim)) if pool == "attention" else None
         self.head = nn.Linear(ch, num_classes)
 
@@ -98,13 +83,27 @@ class NoiseAwareClassifier(ModelMixin, ConfigMixin):
     def feature_dim(self) -> int:
         return self.head.in_features
 
+    def init_from_unet(self, unet_weights: dict[str, torch.Tensor]) -> None:
+        """Copy a trained UNet's timestep embedding, input convolution, down blocks and middle block
+        (state dict of models/unet.py's UNet with this classifier's width, depth, levels and
+        attention); the norm, pooling and head start fresh."""
+        own = self.state_dict()
+        wanted = [k for k in own if k.startswith(UNET_ENCODER)]
+        missing = [k for k in wanted if k not in unet_weights]
+        mismatched = [k for k in wanted if k in unet_weights and unet_weights[k].shape != own[k].shape]
+        if missing or mismatched:
+            raise ValueError(f"the UNet's weights do not fit this classifier (missing {missing[:3]}, other shapes {mismatched[:3]}): "
+                             "build it with the UNet's architecture")
+        self.load_state_dict({k: unet_weights[k] for k in wanted}, strict=False)
+
     def features(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Pooled feature vectors, N × feature_dim."""
         t = torch.as_tensor(t, device=z.device).expand(z.shape[0])
-        emb = self.time_embed(self.time_proj(t).to(z.dtype))
+        emb = self.time_embedding(self.time_proj(t).to(z.dtype))
         h = self.conv_in(z)
-        for block in [*self.down, *self.mid]:
-            h = block(h, emb) if isinstance(block, ResnetBlock2D) else block(h)
+        for block in self.down_blocks:
+            h, _ = block(hidden_states=h, temb=emb)
+        h = self.mid_block(h, emb)
         h = nn.functional.silu(self.norm_out(h))
         return self.attn_pool(h) if self.attn_pool is not None else h.mean(dim=(2, 3))
 
@@ -113,15 +112,25 @@ class NoiseAwareClassifier(ModelMixin, ConfigMixin):
         return self.head(self.features(z, t))
 
 
-def build_classifier(cfg: ClassifierConfig, latent_channels: int, latent_size: int, num_classes: int) -> NoiseAwareClassifier:
-    return NoiseAwareClassifier(
-        in_channels=latent_channels,
-        sample_size=latent_size,
-        num_classes=num_classes,
-        width=cfg.width,
-        depth=cfg.depth,
-        channel_mult=tuple(cfg.channel_mult),
-        attention_resolutions=tuple(cfg.attention_resolutions),
-        num_heads=cfg.num_heads,
-        pool=cfg.pool,
-    )
+def build_classifier(cfg: ClassifierConfig, latent_channels: int, latent_size: int, num_classes: int,
+                     unet: UNetConfig | None = None) -> NoiseAwareClassifier:
+    """The classifier of ``cfg``; with ``unet`` (for ``classifier.init_from_unet``) its encoder takes
+    that UNet's architecture instead of the classifier's own width, depth, levels and attention."""
+    if unet is not None:
+        arch = dict(width=unet.base_channels, depth=unet.layers_per_block, channel_mult=tuple(unet.channel_mult),
+                    attention_resolutions=tuple(unet.attention_resolutions), num_heads=unet.num_heads, dropout=unet.dropout,
+                    resnet_time_scale_shift=unet.resnet_time_scale_shift, resblock_updown=unet.resblock_updown)
+    else:
+        arch = dict(width=cfg.width, depth=cfg.depth, channel_mult=tuple(cfg.channel_mult),
+                    attention_resolutions=tuple(cfg.attention_resolutions), num_heads=cfg.num_heads)
+    return NoiseAwareClassifier(in_channels=latent_channels, sample_size=latent_size, num_classes=num_classes, pool=cfg.pool, **arch)
+
+
+def load_classifier(folder: str) -> NoiseAwareClassifier:
+    """A saved classifier folder; one whose weights do not all fit (e.g. saved with an older layout
+    of this module) is an error rather than a guide with random layers."""
+    model, info = NoiseAwareClassifier.from_pretrained(folder, use_safetensors=True, output_loading_info=True)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise ValueError(f"the classifier at {folder} does not fit this version's layout (missing {sorted(info['missing_keys'])[:3]}, "
+                         f"other shapes {info['mismatched_keys'][:3]}); train it again with `histodiff train-classifier`")
+    return model

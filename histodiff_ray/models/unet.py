@@ -8,6 +8,8 @@ get proportionally more heads.
 
 from __future__ import annotations
 
+import math
+
 from diffusers import UNet2DModel
 
 from histodiff_ray.config import UNetConfig
@@ -32,7 +34,7 @@ def build_unet(cfg: UNetConfig, latent_size: int, latent_channels: int, num_trai
         downsample_type="resnet" if cfg.resblock_updown else "conv",
         upsample_type="resnet" if cfg.resblock_updown else "conv",
         dropout=cfg.dropout,
-        norm_num_groups=32,
+        norm_num_groups=math.gcd(32, cfg.base_channels),  # 32 groups; fewer for a narrow classifier encoder
         num_train_timesteps=num_train_timesteps,
         num_class_embeds=None if num_classes is None else num_classes + 1,
     )

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from histodiff_ray.augment import random_dihedral
-from histodiff_ray.config import config_from_dict
+from histodiff_ray.config import UNetConfig, config_from_dict
 from histodiff_ray.diffusion.schedule import NoiseSchedule
 from histodiff_ray.metrics import psnr, ssim
-from histodiff_ray.models.autoencoder import autoencoder_loss, build_autoencoder
+from histodiff_ray.models.autoencoder import autoencoder_loss, build_autoencoder, decoder_loss
 from histodiff_ray.models.unet import build_unet
 
 
@@ -116,6 +116,8 @@ def _set_lr(optimizer, base_lr: float, step: int, warmup: int, cosine_to: int | 
 
 
 def autoencoder_loop(config: dict) -> None:
+    """``max_steps`` of the whole autoencoder on LDM's objective, then ``decoder_steps`` of the decoder
+    alone on L1 + MSE with the encoder frozen (the latents stay as they were)."""
     import ray.train
     import ray.train.torch
 
@@ -128,40 +130,53 @@ def autoencoder_loop(config: dict) -> None:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=ae.lr)
     state = _load_checkpoint({"vae": vae}, optimizer)
     step, history = state.get("step", 0), state.get("history", [])
-    model = ray.train.torch.prepare_model(AutoencoderObjective(vae))
+    total = ae.max_steps + ae.decoder_steps
     train = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val")
-    window, started = [], time.perf_counter()
-    while step < ae.max_steps:
-        for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
-            x = batch["image"]
-            recon, kl_per_tile = model(x)
-            loss, rec_loss, kl = autoencoder_loss(x, recon, kl_per_tile, ae.kl_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _set_lr(optimizer, ae.lr, step, ae.warmup_steps, cosine_to=ae.max_steps)
-            optimizer.step()
-            step += 1
-            window.append((rec_loss.item(), kl.item(), len(x)))
-            last = step >= ae.max_steps
-            if step % ae.log_every == 0 or step % ae.checkpoint_every == 0 or last:
-                elapsed = time.perf_counter() - started
-                row = {"step": step, "l1": sum(w[0] for w in window) / len(window), "kl": sum(w[1] for w in window) / len(window),
-                       "tiles_per_s": sum(w[2] for w in window) / max(elapsed, 1e-9)}
-                window, started = [], time.perf_counter()
-                checkpoint = None
-                if step % ae.checkpoint_every == 0 or last:
-                    if rank == 0:
-                        row.update(evaluate_autoencoder(vae, val, device, cfg.data.batch_size, None if last else ae.val_tiles))
+    for decoder_only, end in ((False, ae.max_steps), (True, total)):
+        if step >= end:
+            continue
+        # Frozen parameters get no gradient, so AdamW leaves them (and their weight decay) alone. DDP
+        # syncs the parameters that require grad when it is built: one wrapper per phase.
+        for frozen in (vae.encoder, vae.quant_conv):
+            frozen.requires_grad_(not decoder_only)
+        model = ray.train.torch.prepare_model(AutoencoderObjective(vae))
+        window, started = [], time.perf_counter()
+        while step < end:
+            for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
+                x = batch["image"]
+                recon, kl_per_tile = model(x)
+                if decoder_only:
+                    loss, rec_loss, _ = decoder_loss(x, recon)
+                    _set_lr(optimizer, ae.decoder_lr, step - ae.max_steps, min(50, ae.decoder_steps // 10), cosine_to=ae.decoder_steps)
+                else:
+                    loss, rec_loss, _ = autoencoder_loss(x, recon, kl_per_tile, ae.kl_weight)
+                    _set_lr(optimizer, ae.lr, step, ae.warmup_steps, cosine_to=ae.max_steps)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                window.append((rec_loss.item(), ((x - recon) ** 2).mean().item(), kl_per_tile.mean().item(), len(x)))
+                # The end of each phase is checkpointed and scored on all val tiles (before/after the decoder phase).
+                phase_end = step >= end
+                if step % ae.log_every == 0 or step % ae.checkpoint_every == 0 or phase_end:
+                    elapsed = time.perf_counter() - started
+                    row = {"step": step, "l1": sum(w[0] for w in window) / len(window), "mse": sum(w[1] for w in window) / len(window),
+                           "kl": sum(w[2] for w in window) / len(window), "tiles_per_s": sum(w[3] for w in window) / max(elapsed, 1e-9)}
+                    window, started = [], time.perf_counter()
+                    checkpoint = None
+                    if step % ae.checkpoint_every == 0 or phase_end:
+                        if rank == 0:
+                            row.update(evaluate_autoencoder(vae, val, device, cfg.data.batch_size, None if phase_end else ae.val_tiles))
+                            history.append(row)
+                            checkpoint = _save_checkpoint({"vae": vae}, optimizer, {"step": step, "history": history})
+                    elif rank == 0:
                         history.append(row)
-                        checkpoint = _save_checkpoint({"vae": vae}, optimizer, {"step": step, "history": history})
-                elif rank == 0:
-                    history.append(row)
-                if rank == 0:
-                    _progress("autoencoder", row, ae.max_steps)
-                ray.train.report(row, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
-            if last:
-                break
+                    if rank == 0:
+                        _progress("autoencoder", row, total)
+                    ray.train.report(row, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
+                if step >= end:
+                    break
 
 
 @torch.no_grad()
@@ -316,7 +331,10 @@ def classifier_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed + 2000 + rank)
     device = ray.train.torch.get_device()
     channels, side, _ = config["latent_shape"]
-    classifier = build_classifier(c, channels, side, config["num_classes"])
+    unet = UNetConfig(**config["unet"]) if config.get("unet") else None
+    classifier = build_classifier(c, channels, side, config["num_classes"], unet=unet)
+    if config.get("init_weights") is not None:
+        classifier.init_from_unet(config["init_weights"])
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     state = _load_checkpoint({"classifier": classifier}, optimizer)
     step, history = state.get("step", 0), state.get("history", [])
@@ -330,12 +348,15 @@ def classifier_loop(config: dict) -> None:
     while step < c.max_steps:
         for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device,
                                               local_shuffle_buffer_size=4 * cfg.data.batch_size):
-            z0, y = batch["latent"] * scale, batch["label"]
+            z0 = batch["latent"] * scale
+            # Class probabilities to match: the judge's for distilled tiles, one-hot for labeled ones.
+            target = batch["target"] if "target" in batch else F.one_hot(batch["label"], config["num_classes"]).float()
+            y = target.argmax(1)
             if cfg.data.augment:
                 z0 = random_dihedral(z0)
             t = torch.randint(0, d.num_train_timesteps, (len(z0),), device=device)
             logits = model(schedule.q_sample(z0, t, torch.randn_like(z0)), t)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _set_lr(optimizer, c.lr, step, c.warmup_steps, cosine_to=c.max_steps)

@@ -118,8 +118,12 @@ def train_autoencoder(cfg: Config, tiles: list[str], run: str) -> dict:
     init_ray(cfg)
     run_loc = open_location(run, cfg.storage)
     locs = [open_location(t, cfg.storage) for t in tiles]
-    train = _union([read_tiles(loc, "train", augment=cfg.data.augment) for loc in locs])
-    val = _union([read_tiles(loc, "val") for loc in locs])
+    # Shuffled across the tile sets: streamed one after the other, the decoder tunes itself to the
+    # last one. Val too, so that a checkpoint's first autoencoder.val_tiles are a random mix of all
+    # sets (a different one each time: Ray Data's seeded shuffle still follows the order blocks
+    # arrive in); the end of each phase is scored on all of them.
+    train = read_tiles(locs, "train", augment=cfg.data.augment, shuffle=True)
+    val = read_tiles(locs, "val", shuffle=True)
     result = fit(cfg, autoencoder_loop, {}, {"train": train, "val": val}, run_loc)
     _export(result, run_loc, {"vae": "vae"}, {"kind": "autoencoder", "tiles": [l.uri for l in locs], "config": cfg.to_dict()})
     per_set = write_reconstructions(run_loc, locs)
@@ -182,7 +186,8 @@ def _union(datasets: list):
 
 def mix_by_weight(parts: list[tuple[object, int, float]]):
     """One epoch that draws from each (dataset, rows, weight) part in proportion to its weight:
-    a part is repeated (whole copies plus a random sample) to weight × total rows."""
+    a part is repeated (whole copies plus a random sample) to weight × total rows; in a fresh
+    random order at every pass (the parts would otherwise stream one after the other)."""
     total_rows = sum(rows for _, rows, _ in parts)
     total_weight = sum(w for _, _, w in parts)
     pieces = []
@@ -192,7 +197,7 @@ def mix_by_weight(parts: list[tuple[object, int, float]]):
         pieces += [ds] * whole
         if fraction > 1e-3:
             pieces.append(ds.random_sample(fraction))
-    return _union(pieces)
+    return _union(pieces).random_shuffle()
 
 
 def pretrain(cfg: Config, latents: list[tuple[str, float]], run: str, *, finetune_from: str | None = None,
@@ -265,8 +270,10 @@ def _load_unet_weights(run: Location) -> dict:
 
 def train_classifier(cfg: Config, latents: str, ldm_run: str, run: str, pseudo_labels_from: str | None = None) -> dict:
     """Train the noise-aware latent classifier that guides sampling from ``ldm_run``: on the
-    labeled train latents (plus the judge's pseudo-labels with ``pseudo_labels_from``), at the
-    diffusion model's latent scale and noise schedule."""
+    labeled train latents, at the diffusion model's latent scale and noise schedule. With
+    ``pseudo_labels_from`` (a judge) it also learns the judge's class probabilities on every
+    unlabeled train tile (knowledge distillation, Hinton et al. 2015): all of them carry signal,
+    where a confidence threshold keeps a third and only the judge's easy cases."""
     from histodiff_ray.train.loops import classifier_loop
 
     init_ray(cfg)
@@ -281,13 +288,19 @@ def train_classifier(cfg: Config, latents: str, ldm_run: str, run: str, pseudo_l
         raise HistodiffError(f"{latents} has {labeled} labeled train tiles, fewer than one batch per worker "
                              f"(data.batch_size={cfg.data.batch_size} × ray.num_workers={cfg.ray.num_workers}); lower data.batch_size")
     classes = manifest["classes"]
-    pseudo, pseudo_summary = None, None
+    soft, pseudo_summary = None, None
     if pseudo_labels_from is not None:
-        from histodiff_ray.judge import pseudo_labels
+        from histodiff_ray.judge import judge_probabilities
 
-        pseudo, pseudo_summary = pseudo_labels(cfg, pseudo_labels_from, manifest["tiles"])
+        soft, pseudo_summary = judge_probabilities(cfg, pseudo_labels_from, manifest["tiles"])
     loop_config = {"latent_shape": manifest["latent_shape"], "scale_factor": ldm["scale_factor"], "num_classes": len(classes)}
-    datasets = {"train": read_latents(latents_loc, "train", labeled_only=True, pseudo_labels=pseudo).materialize(),
+    if cfg.classifier.init_from_unet:
+        loop_config["unet"] = ldm["config"]["unet"]
+        from histodiff_ray.models.classifier import UNET_ENCODER
+
+        weights = _load_unet_weights(open_location(ldm_run, cfg.storage))
+        loop_config["init_weights"] = {k: v for k, v in weights.items() if k.startswith(UNET_ENCODER)}
+    datasets = {"train": read_latents(latents_loc, "train", labeled_only=True, soft_labels=soft).materialize(),
                 "val": read_latents(latents_loc, "val").materialize()}
     result = fit(cfg, classifier_loop, loop_config, datasets, run_loc)
     _export(result, run_loc, {"classifier": "classifier"}, {

@@ -1,4 +1,5 @@
-"""Latent batches: labels are −1 where a label may not be used, unless a pseudo-label fills them in."""
+"""Latent batches: labels are −1 where a label may not be used, unless a pseudo-label or the judge's
+probabilities fill them in."""
 
 import numpy as np
 
@@ -21,3 +22,10 @@ def test_pseudo_labels_fill_only_unlabeled_tiles():
     # "d" is labeled: its own label stands even if a pseudo-label disagrees; "c" has no confident guess.
     out = decode_latents(_batch(), [4, 2, 2], pseudo_labels={"b": 3, "d": 0})
     assert out["label"].tolist() == [0, 3, -1, 1]
+
+
+def test_soft_labels_give_labeled_tiles_one_hot_targets_and_unlabeled_ones_the_judges():
+    out = decode_latents(_batch(), [4, 2, 2], soft_labels={"b": [0.1, 0.2, 0.6, 0.1], "d": [1.0, 0.0, 0.0, 0.0]})
+    assert out["label"].tolist() == [0, 2, -1, 1]  # "b" takes its most likely class; "c" has no probabilities
+    assert out["target"].tolist() == [[1, 0, 0, 0], [np.float32(0.1), np.float32(0.2), np.float32(0.6), np.float32(0.1)],
+                                      [0, 0, 0, 0], [0, 1, 0, 0]]

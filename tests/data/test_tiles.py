@@ -95,3 +95,17 @@ def test_ray_train_workers_each_get_a_share_of_the_stream(tile_set, tmp_path):
     seen = {p.name: int(p.read_text()) for p in counts_dir.iterdir()}
     assert set(seen) == {"rank0", "rank1"} and all(v > 0 for v in seen.values())
     assert sum(seen.values()) == sum(manifest["counts"]["train"].values())
+
+
+def test_several_tile_sets_stream_shuffled_together(tile_set, shared_data, tmp_path):
+    cfg, root, _ = tile_set
+    other = open_location("s3://stream-tiles/other", cfg.storage)
+    src = make_labeled_input(tmp_path / "input", shared_data, classes=("S", "T"), per_class=10)
+    ingest(cfg, [str(src)], other.uri, labeled=True, progress=False)
+    first = _collect(read_tiles(root, "train", keep_ids=True))["tile_id"].tolist()
+    second = set(_collect(read_tiles(other, "train", keep_ids=True))["tile_id"].tolist())
+    in_order = _collect(read_tiles([root, other], "train", keep_ids=True))["tile_id"].tolist()
+    assert sorted(in_order[:len(first)]) == sorted(first)  # without shuffling: one set after the other
+    mixed = _collect(read_tiles([root, other], "train", keep_ids=True, shuffle=True))["tile_id"].tolist()
+    assert sorted(mixed) == sorted(in_order)
+    assert min(i for i, t in enumerate(mixed) if t in second) < len(first) - len(second)  # the second set is spread in

@@ -50,13 +50,37 @@ def test_cpu_profile_shapes_and_forward_is_head_of_features(pool):
 
 def test_the_levels_follow_channel_mult_and_attention_resolutions():
     model = cpu_classifier()
-    blocks = [type(b).__name__ for b in model.down]
     # depth 1 per level, attention at rate 4 (the last level), ResBlock downsampling in between.
-    assert blocks == ["ResnetBlock2D", "ResnetBlock2D", "ResnetBlock2D", "ResnetBlock2D", "ResnetBlock2D", "Attention"]
-    assert [b.down for b in model.down if type(b).__name__ == "ResnetBlock2D"] == [False, True, False, True, False]
+    assert [type(b).__name__ for b in model.down_blocks] == ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]
+    assert [b.downsamplers is not None for b in model.down_blocks] == [True, True, False]
+    assert [len(b.resnets) for b in model.down_blocks] == [1, 1, 1]
     assert model.attn_pool.pos.shape == (4 * 4 + 1, 128)  # 16 / 2**2 = 4; mean token + 16 positions
     # num_heads is the count at the base width (head size 64 / 4 = 16): 128 channels get 8 heads.
-    assert model.attn_pool.attn.num_heads == 8 and model.mid[1].heads == 8
+    assert model.attn_pool.attn.num_heads == 8 and model.mid_block.attentions[0].heads == 8
+
+
+def test_init_from_unet_copies_the_denoisers_encoder_half_and_refuses_another_architecture():
+    from histodiff_ray.models.unet import build_unet
+
+    cfg = load_config("cpu", ["unet.base_channels=32", "unet.channel_mult=1,2", "unet.attention_resolutions=2", "unet.num_heads=2"])
+    torch.manual_seed(0)
+    unet = build_unet(cfg.unet, LATENT_SIZE, LATENT_CHANNELS)
+    classifier = build_classifier(cfg.classifier, LATENT_CHANNELS, LATENT_SIZE, num_classes=5, unet=cfg.unet)
+    classifier.init_from_unet(unet.state_dict())
+    z, t = inputs(2)
+    with torch.no_grad():  # the same features as the UNet's own down path and middle block
+        emb = unet.time_embedding(unet.time_proj(t))
+        h = unet.conv_in(z)
+        for block in unet.down_blocks:
+            h, _ = block(hidden_states=h, temb=emb)
+        h = unet.mid_block(h, emb)
+        emb_c = classifier.time_embedding(classifier.time_proj(t))
+        h_c = classifier.conv_in(z)
+        for block in classifier.down_blocks:
+            h_c, _ = block(hidden_states=h_c, temb=emb_c)
+        torch.testing.assert_close(classifier.mid_block(h_c, emb_c), h)
+    with pytest.raises(ValueError, match="do not fit this classifier"):
+        cpu_classifier().init_from_unet(unet.state_dict())  # width 64, not the UNet's 32
 
 
 @pytest.mark.parametrize("pool", ["attention", "mean"])
@@ -84,6 +108,20 @@ def test_save_pretrained_round_trip_is_exact(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(z, t), model(z, t))
         assert torch.equal(loaded.features(z, t), model.features(z, t))
+
+
+def test_a_folder_whose_weights_do_not_all_fit_is_refused_not_half_loaded(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from histodiff_ray.models.classifier import load_classifier
+
+    cpu_classifier().save_pretrained(tmp_path / "clf", safe_serialization=True)
+    assert isinstance(load_classifier(str(tmp_path / "clf")), NoiseAwareClassifier)
+    weights = tmp_path / "clf" / "diffusion_pytorch_model.safetensors"
+    # An older layout's names (down.*, mid.*, time_embed.*) would leave these layers at random.
+    save_file({k.replace("down_blocks.", "down."): v for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(ValueError, match="does not fit this version's layout"):
+        load_classifier(str(tmp_path / "clf"))
 
 
 def test_paper_profile_builds_guided_diffusion_levels():

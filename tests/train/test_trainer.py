@@ -131,6 +131,28 @@ def csv_rows(run):
     return [{k: float(v) if v else None for k, v in row.items()} | {"step": int(row["step"])} for row in csv.DictReader(io.StringIO(text))]
 
 
+def test_decoder_phase_trains_the_decoder_alone_so_the_latents_do_not_change(latents):
+    from histodiff_ray.train.trainer import train_autoencoder
+
+    cfg, bucket = latents
+    cfg.autoencoder.max_steps, cfg.autoencoder.decoder_steps, cfg.ray.keep_checkpoints = 2, 2, 4
+    run_uri = f"s3://{bucket}/runs/ae-decoder"
+    info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], run_uri)
+    assert info["step"] == 4 and info["final_metrics"]["val_psnr"] > 5
+    run = open_location(run_uri, cfg.storage)
+    by_step = {}
+    for d in {f.split("/")[0] for f in list_files(run) if f.startswith("checkpoint_") and "/" in f}:
+        step = json.loads(read_bytes(run.join(d, "state.json")))["step"]
+        by_step[step] = load_safetensors(read_bytes(run.join(d, "vae", "diffusion_pytorch_model.safetensors")))
+    joint, decoder_only = by_step[2], by_step[4]
+    frozen = [k for k in joint if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in joint if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained
+    assert all(torch.equal(joint[k], decoder_only[k]) for k in frozen)
+    assert any(not torch.equal(joint[k], decoder_only[k]) for k in trained)
+    assert [r["step"] for r in csv_rows(run)] == [1, 2, 3, 4]
+
+
 def test_sample_writes_a_png_grid_of_decoded_tiles(latents):
     from PIL import Image
 
