@@ -192,7 +192,7 @@ def cmd_select(args) -> None:
     _print_selection(select_synthetic(cfg, args.output, cfg.selection))
 
 
-def _parse_named(values: list[str] | None) -> dict[str, str]:
+def _parse_named(values: list[str] | None, option: str = "--synthetic") -> dict[str, str]:
     """'NAME=URI' or 'URI' (named by its last path part) → {name: uri}."""
     out = {}
     for v in values or []:
@@ -200,8 +200,22 @@ def _parse_named(values: list[str] | None) -> dict[str, str]:
         if not sep or "://" in name or "/" in name:
             name, uri = v.rstrip("/").rsplit("/", 1)[-1], v
         if name in out:
-            raise HistodiffError(f"--synthetic: two sets are named {name!r}; write NAME=URI to tell them apart")
+            raise HistodiffError(f"{option}: two sets are named {name!r}; write NAME=URI to tell them apart")
         out[name] = uri
+    return out
+
+
+def _parse_mpp(values: list[str] | None) -> dict[str, float]:
+    """'NAME=MPP' → {name: microns per pixel}."""
+    out = {}
+    for v in values or []:
+        name, _, mpp = v.partition("=")
+        try:
+            out[name] = float(mpp)
+        except ValueError:
+            raise HistodiffError(f"--test-mpp {v!r}: write NAME=MICRONS_PER_PIXEL, e.g. nct=0.5") from None
+        if out[name] <= 0:
+            raise HistodiffError(f"--test-mpp {v!r}: microns per pixel must be > 0")
     return out
 
 
@@ -209,7 +223,9 @@ def cmd_evaluate(args) -> None:
     from histodiff_ray.evaluate import evaluate, results_table
 
     cfg = load_config(args.config, args.overrides)
-    result = evaluate(cfg, args.tiles, args.output, synthetic=_parse_named(args.synthetic), judge=args.judge)
+    tests = _parse_named(args.test, "--test")
+    result = evaluate(cfg, args.tiles, args.output, synthetic=_parse_named(args.synthetic), judge=args.judge,
+                      tests=tests, test_mpp=_parse_mpp(args.test_mpp))
     print(results_table(result))
     print(f"evaluation: {args.output}/evaluation.json")
 
@@ -401,13 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("evaluate", help="downstream classifiers on real / real+aug / real+aug+synthetic, k seeds each",
-                       description="Train the downstream classifier (downstream.arch) per arm and seed as Ray tasks; the epoch is "
-                                   "chosen on val, the test split read once per model at the end. Writes OUT/evaluation.json and "
-                                   "OUT/table.md (mean ± sd and 95% CI over seeds), and with --judge the FID/KID/precision/recall "
-                                   "of each synthetic set against real val tiles on the judge's features.")
+                       description="Train the downstream classifier (downstream.arch) per arm and seed as Ray tasks, every arm "
+                                   "for the same number of optimizer steps (downstream.epochs passes over the real labeled tiles); "
+                                   "the epoch is chosen on val, the test split and each --test set read once per model at the end. "
+                                   "Writes OUT/evaluation.json and OUT/table.md (mean ± sd and 95% CI over seeds), and with --judge "
+                                   "the FID/KID/precision/recall of each synthetic set against real val tiles on the judge's features.")
     p.add_argument("--tiles", required=True, help="the labeled tile set (train labels, val, test)")
     p.add_argument("--synthetic", action="append", metavar="[NAME=]URI", help="a generate output; repeat to compare several")
     p.add_argument("--judge", default=None, help="train-judge folder: its features give the generation metrics")
+    p.add_argument("--test", action="append", metavar="NAME=DIR", help="an external test set, reported beside the test split: "
+                   "<CLASS>/<image> folders named like the training classes (local or s3://), one tile per image as ingest "
+                   "makes it; repeat for several")
+    p.add_argument("--test-mpp", action="append", metavar="NAME=MPP", help="microns per pixel of the --test set NAME, resampled "
+                   "to data.microns_per_pixel (as ingest --mpp); without it each image is resized to the tile size")
     p.add_argument("--output", required=True, help="evaluation folder (local or s3://)")
     _add_config(p)
     p.set_defaults(func=cmd_evaluate)

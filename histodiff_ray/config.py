@@ -349,7 +349,9 @@ class GenerateConfig:
 @dataclass
 class DownstreamConfig:
     """Pixel-space tile classifiers (timm, built from config): the selection judge and the
-    evaluation's downstream classifier. The epoch is chosen on val macro-F1 (early stopping)."""
+    evaluation's downstream classifier. The budget is optimizer steps: ``epochs`` passes over the
+    real labeled tiles, the same for every arm of an evaluation; the epoch is chosen on val
+    macro-F1 (early stopping)."""
 
     arch: str = "resnet18"
     epochs: int = 30
@@ -357,6 +359,8 @@ class DownstreamConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
+    stain_jitter: float = 0.05  # HED jitter of classic augmentation (Tellez et al. 2019's "HED-light")
+    colour_jitter: float = 0.1  # brightness / contrast / saturation jitter of classic augmentation, after the stain jitter
 
     def validate(self, p: str) -> None:
         import timm
@@ -367,6 +371,8 @@ class DownstreamConfig:
             _check(v >= 1, f"{p}.{name}", v, "an integer >= 1")
         _check(self.lr > 0, f"{p}.lr", self.lr, "a number > 0")
         _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a number >= 0")
+        _check(0 <= self.stain_jitter < 1, f"{p}.stain_jitter", self.stain_jitter, "a number in [0, 1)")
+        _check(0 <= self.colour_jitter < 1, f"{p}.colour_jitter", self.colour_jitter, "a number in [0, 1)")
 
 
 @dataclass

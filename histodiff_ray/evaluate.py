@@ -3,12 +3,19 @@
     histodiff evaluate --config cpu --tiles tiles/crc5 --synthetic pretrained=synthetic/crc5 \\
         --synthetic scratch=synthetic/crc5-no-pretraining --judge runs/judge --output eval/crc5
 
-Arms, each trained for ``evaluate.seeds`` seeds with the same downstream model and budget:
+Arms, each trained for ``evaluate.seeds`` seeds with the same downstream model and the same
+budget of optimizer steps (``downstream.epochs`` passes over the *real* labeled tiles: an arm with
+synthetic tiles gets no more steps than the real one):
 
-* ``real``: the real labeled train tiles, no augmentation;
-* ``real+aug``: the same with classic augmentation (rotations, flips, colour jitter);
-* ``real+aug+syn:NAME``: classic augmentation plus the kept synthetic tiles of a generate output,
+* ``real``: the real labeled train tiles with rotations and flips only (tissue has no orientation);
+* ``real+aug``: the same plus colour augmentation: HED stain jitter and brightness / contrast /
+  saturation jitter;
+* ``real+aug+syn:NAME``: real+aug plus the kept synthetic tiles of a generate output,
   ``evaluate.synthetic_ratio`` × the real count, per class in proportion to the real tiles.
+
+Every model is scored on the tile set's test split and on each external test set (``--test
+NAME=DIR``: class folders named like the training classes, read through ingest's checks and µm/px
+resampling; bad files are quarantined and listed, never fatal).
 
 Each (arm, seed) trains as a Ray task and is stored under ``OUT/runs/`` as it finishes: a rerun
 after a kill trains only the missing ones. Model selection (the epoch, early stopping) reads only the
@@ -25,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +41,7 @@ import pyarrow.parquet as pq
 from histodiff_ray.config import Config, SelectionConfig
 from histodiff_ray.data.tiles import decode_images, load_tile_table, require_manifest
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.storage import exists, open_location, read_bytes, write_atomic
+from histodiff_ray.storage import StorageError, check_access, exists, open_location, read_bytes, write_atomic
 
 
 def load_synthetic(cfg: Config, uri: str, real_counts: np.ndarray, ratio: float,
@@ -76,10 +84,53 @@ def load_synthetic(cfg: Config, uri: str, real_counts: np.ndarray, ratio: float,
             np.asarray(labels, np.int64))
 
 
-def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tuple, test: tuple, augment: bool,
-                    classes: list[str]) -> dict:
-    """One (arm, seed): train with early stopping on val, then read the test split once.
-    ``train``/``val``/``test`` are (uint8 tiles, labels); Ray resolves them from the object store."""
+def load_test_set(cfg: Config, name: str, uri: str, classes: list[str], mpp: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """An external test set at ``uri``: ``<CLASS>/<image>`` folders named like the training classes,
+    each image made into one tile by ingest's own code (the same decoding checks, µm/px resampling
+    from ``mpp`` and tile size). Returns (uint8 tiles, labels, a summary listing quarantined files).
+    Read once per evaluation, in the driver; never used for training or any choice."""
+    from histodiff_ray.data.ingest import TileOptions, plan_sources, process_files
+
+    where = f"--test {name}={uri}"
+    loc = open_location(uri, cfg.storage)
+    try:
+        check_access(loc, "read")
+        work, quarantined = plan_sources(loc, labeled=True, source_name=name)
+    except StorageError as exc:
+        raise HistodiffError(f"{where}: {exc}") from None
+    found = {f.label_name for f in work}
+    if not found:
+        raise HistodiffError(f"{where}: no images in class folders; lay it out as <CLASS>/<image> with CLASS one of {classes}")
+    extra, missing = sorted(found - set(classes)), sorted(set(classes) - found)
+    if extra or missing:
+        raise HistodiffError(f"{where}: its classes do not match the training classes: extra {', '.join(extra) or 'none'}; "
+                             f"missing {', '.join(missing) or 'none'}")
+    opts = TileOptions(True, cfg.data.tile_size, cfg.data.microns_per_pixel, mpp, cfg.data.tissue_fraction, cfg.data.max_image_pixels)
+    tiles, labels, ids = [], [], []
+    for result in process_files(work, loc.filesystem, opts, known={}):
+        if result.reason:
+            quarantined.append({"path": result.uri, "reason": result.reason})
+            continue
+        for tile in result.tiles:
+            tiles.append(tile["image"])
+            labels.append(classes.index(tile["label_name"]))
+            ids.append(tile["tile_id"])
+    if not tiles:
+        raise HistodiffError(f"{where}: none of its {len(work)} images could be read ({quarantined[0]['reason']}: {quarantined[0]['path']})")
+    if quarantined:
+        print(f"[evaluate] {where}: {len(quarantined)} files quarantined, e.g. {quarantined[0]['path']}: {quarantined[0]['reason']}",
+              flush=True)
+    y = np.asarray(labels, np.int64)
+    summary = {"uri": uri, "tiles": len(tiles), "per_class": {c: int((y == k).sum()) for k, c in enumerate(classes)},
+               "mpp": mpp, "quarantined": quarantined, "digest": _digest(json.dumps([ids, labels]).encode())}
+    return decode_images(tiles), y, summary
+
+
+def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tuple, tests: dict, colour_augment: bool,
+                    budget_tiles: int, classes: list[str]) -> dict:
+    """One (arm, seed): train with early stopping on val, then read each test set once. ``train``,
+    ``val`` and each of ``tests`` (name → ...) are (uint8 tiles, labels); ``tests["test"]`` is the
+    tile set's own test split. Ray resolves them from the object store."""
     import torch
 
     from histodiff_ray.config import config_from_dict
@@ -87,18 +138,29 @@ def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tupl
     from histodiff_ray.metrics import classification_report
 
     torch.set_num_threads(1)
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = train, val, test
+    (train_x, train_y), (val_x, val_y) = train, val
     cfg = config_from_dict(cfg_dict)
     k = len(classes)
-    model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, k, seed=seed, augment=augment)
+    started, started_cpu = time.perf_counter(), time.process_time()
+    model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, k, seed=seed,
+                                           colour_augment=colour_augment, budget_tiles=budget_tiles)
+    # Wall time depends on what else the machine runs; CPU time of the one torch thread does not.
+    train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
     best = max(history, key=lambda r: r["val_macro_f1"])
-    probs, _ = predict(model, test_x)
-    report = classification_report(test_y, probs.argmax(1), k, class_names=classes)
+    reports = {}
+    for name, (test_x, test_y) in tests.items():
+        probs, _ = predict(model, test_x)
+        reports[name] = classification_report(test_y, probs.argmax(1), k, class_names=classes)
     return {"arm": arm, "seed": seed, "best_epoch": best["epoch"], "val_macro_f1": best["val_macro_f1"],
-            "train_tiles": int(len(train_y)), "history": history, "test": report}
+            "train_tiles": int(len(train_y)), "steps": history[-1]["step"], "train_seconds": train_seconds,
+            "train_cpu_seconds": train_cpu_seconds, "history": history,
+            "test": reports.pop("test"), "external": reports}
 
 
-def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] | None = None, judge: str | None = None) -> dict:
+def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] | None = None, judge: str | None = None,
+             tests: dict[str, str] | None = None, test_mpp: dict[str, float] | None = None) -> dict:
+    """Train and score every arm × seed (see the module docstring); ``tests`` are external test sets
+    (name → folder), ``test_mpp`` their microns per pixel where known (name → µm/px)."""
     import ray
 
     from histodiff_ray.raycluster import init_ray
@@ -115,7 +177,16 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
             raise HistodiffError(f"evaluate: {tiles} has no {'labeled ' if labeled_only else ''}{split} tiles")
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits["train"], splits["val"], splits["test"]
     real_counts = np.bincount(train_y, minlength=len(classes))
-    # arm → (tiles, labels, classic augmentation, the synthetic set's identity)
+    if "test" in (tests or {}):
+        raise HistodiffError("--test: the name 'test' is the tile set's own test split; call the external set something else")
+    unknown = sorted(set(test_mpp or {}) - set(tests or {}))
+    if unknown:
+        raise HistodiffError(f"--test-mpp names {', '.join(unknown)}, which no --test NAME=DIR gives")
+    test_sets, external = {"test": (test_x, test_y)}, {}
+    for name, uri in (tests or {}).items():
+        x, y, external[name] = load_test_set(cfg, name, uri, classes, (test_mpp or {}).get(name))
+        test_sets[name] = (x, y)
+    # arm → (tiles, labels, colour augmentation, the synthetic set's identity)
     arms = {"real": (train_x, train_y, False, None), "real+aug": (train_x, train_y, True, None)}
     synthetic_sets = {}
     for name, uri in (synthetic or {}).items():
@@ -131,7 +202,8 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
     for arm in arms:
         for seed in range(e.seeds):
             key = _digest(json.dumps({"tiles": tiles_digest, "arm": arm, "synthetic": arms[arm][3], "seed": seed,
-                                      "ratio": e.synthetic_ratio, "downstream": cfg.to_dict()["downstream"]}, sort_keys=True).encode())
+                                      "ratio": e.synthetic_ratio, "downstream": cfg.to_dict()["downstream"],
+                                      "external": {n: t["digest"] for n, t in external.items()}}, sort_keys=True).encode())
             stored = out.join("runs", f"{key}.json")
             if exists(stored):
                 runs.append(json.loads(read_bytes(stored)))
@@ -142,13 +214,13 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
     if todo:
         init_ray(cfg)
         task = ray.remote(num_cpus=e.cpus_per_run)(_train_and_test)
-        val_ref, test_ref = ray.put((val_x, val_y)), ray.put((test_x, test_y))
+        val_ref, tests_ref = ray.put((val_x, val_y)), ray.put(test_sets)
         refs = {}
-        for arm, (x, y, augment, _) in arms.items():
+        for arm, (x, y, colour, _) in arms.items():
             data = ray.put((x, y))
             for seed in range(e.seeds):
                 if (arm, seed) in todo:
-                    refs[task.remote(cfg.to_dict(), arm, seed, data, val_ref, test_ref, augment, classes)] = todo[(arm, seed)]
+                    refs[task.remote(cfg.to_dict(), arm, seed, data, val_ref, tests_ref, colour, len(train_y), classes)] = todo[(arm, seed)]
         runs += _gather(refs)
     runs.sort(key=lambda r: (r["arm"], r["seed"]))
 
@@ -157,8 +229,10 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
         mine = [r for r in runs if r["arm"] == arm]
         confusion = np.sum([r["test"]["confusion"] for r in mine], axis=0).tolist()
         table[arm] = {
-            "train_tiles": mine[0]["train_tiles"],
+            "train_tiles": mine[0]["train_tiles"], "steps": mine[0]["steps"],
             **{m: _unit_ci([r["test"][m] for r in mine]) for m in ("accuracy", "balanced_accuracy", "macro_f1")},
+            "external": {name: {m: _unit_ci([r["external"][name][m] for r in mine]) for m in ("accuracy", "balanced_accuracy", "macro_f1")}
+                         for name in external},
             "val_macro_f1": _unit_ci([r["val_macro_f1"] for r in mine]),
             "per_class_recall": {c: float(np.mean([r["test"]["per_class_recall"][c] for r in mine
                                                    if r["test"]["per_class_recall"][c] is not None] or [np.nan]))
@@ -167,7 +241,7 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
         }
     result = {"tiles": tiles_loc.uri, "classes": classes, "seeds": e.seeds, "synthetic": synthetic or {},
               "synthetic_ratio": e.synthetic_ratio, "downstream": cfg.to_dict()["downstream"], "arms": table,
-              "runs": runs,
+              "runs": runs, "external_tests": external,
               "test_tiles": int(len(test_y)), "val_tiles": int(len(val_y)), "real_train_tiles": int(len(train_y))}
     if judge and synthetic_sets:
         result["generation"] = generation_metrics(cfg, judge, synthetic_sets, val_x, val_y, classes)
@@ -252,11 +326,17 @@ def _fmt(ci: dict) -> str:
 
 
 def results_table(result: dict) -> str:
-    """The accuracy table as Markdown: mean ± sd [95% CI] over seeds, on the test split."""
+    """The accuracy table as Markdown: mean ± sd [95% CI] over seeds, on the test split and on each
+    external test set."""
+    external = list(result.get("external_tests", {}))
     lines = [f"Test split: {result['test_tiles']} tiles; {result['seeds']} seeds per arm; real labeled train tiles: "
-             f"{result['real_train_tiles']}; synthetic ratio {result['synthetic_ratio']}.", "",
-             "| arm | train tiles | accuracy | balanced accuracy | macro-F1 | val macro-F1 |", "|---|---|---|---|---|---|"]
+             f"{result['real_train_tiles']}; synthetic ratio {result['synthetic_ratio']}."]
+    lines += [f"External test set {name}: {t['tiles']} tiles from {t['uri']}." for name, t in result.get("external_tests", {}).items()]
+    lines += ["", "| arm | train tiles | steps | accuracy | balanced accuracy | macro-F1 | val macro-F1 |"
+              + "".join(f" {name} accuracy |" for name in external),
+              "|---|---|---|---|---|---|---|" + "---|" * len(external)]
     for arm, row in result["arms"].items():
-        lines.append(f"| {arm} | {row['train_tiles']} | {_fmt(row['accuracy'])} | {_fmt(row['balanced_accuracy'])} | "
-                     f"{_fmt(row['macro_f1'])} | {_fmt(row['val_macro_f1'])} |")
+        lines.append(f"| {arm} | {row['train_tiles']} | {row['steps']} | {_fmt(row['accuracy'])} | {_fmt(row['balanced_accuracy'])} | "
+                     f"{_fmt(row['macro_f1'])} | {_fmt(row['val_macro_f1'])} |"
+                     + "".join(f" {_fmt(row['external'][name]['accuracy'])} |" for name in external))
     return "\n".join(lines) + "\n"

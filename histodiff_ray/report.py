@@ -148,15 +148,23 @@ def _evaluation_html(result: dict, put) -> str:
     import matplotlib.pyplot as plt
 
     classes = result["classes"]
+    external = result.get("external_tests", {})
     rows = "".join(
-        f"<tr><td>{html.escape(arm)}</td><td>{r['train_tiles']}</td><td>{_ci(r['accuracy'])}</td><td>{_ci(r['balanced_accuracy'])}</td>"
-        f"<td>{_ci(r['macro_f1'])}</td><td>{_ci(r['val_macro_f1'])}</td></tr>" for arm, r in result["arms"].items())
-    parts = ["<h2>Downstream accuracy (test split)</h2>",
+        f"<tr><td>{html.escape(arm)}</td><td>{r['train_tiles']}</td><td>{r.get('steps', '-')}</td><td>{_ci(r['accuracy'])}</td>"
+        f"<td>{_ci(r['balanced_accuracy'])}</td><td>{_ci(r['macro_f1'])}</td><td>{_ci(r['val_macro_f1'])}</td>"
+        + "".join(f"<td>{_ci(r['external'][name]['accuracy'])}</td>" for name in external) + "</tr>"
+        for arm, r in result["arms"].items())
+    sets = ""
+    for name, t in external.items():
+        quarantined = f", {len(t['quarantined'])} files quarantined" if t["quarantined"] else ""
+        sets += f" External test set <b>{html.escape(name)}</b>: {t['tiles']} tiles from {html.escape(t['uri'])}{quarantined}."
+    parts = ["<h2>Downstream accuracy (test split and external test sets)</h2>",
              f"<p class='note'>{result['seeds']} seeds per arm; mean ± sd and a 95% t-interval over seeds. "
-             f"Test tiles: {result['test_tiles']}; real labeled train tiles: {result['real_train_tiles']}. "
-             "Epochs were chosen on val macro-F1; each model read the test split once, after training.</p>",
-             "<table><tr><th>arm</th><th>train tiles</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th>"
-             f"<th>val macro-F1</th></tr>{rows}</table>"]
+             f"Test tiles: {result['test_tiles']}; real labeled train tiles: {result['real_train_tiles']}. Every arm trains "
+             "for the same number of optimizer steps. Epochs were chosen on val macro-F1; each model read the test split and "
+             f"each external test set once, after training.{sets}</p>",
+             "<table><tr><th>arm</th><th>train tiles</th><th>steps</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th>"
+             "<th>val macro-F1</th>" + "".join(f"<th>{html.escape(name)} accuracy</th>" for name in external) + f"</tr>{rows}</table>"]
     arms = list(result["arms"])
     fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 3))
     for ax, arm in zip(np.atleast_1d(axes), arms):

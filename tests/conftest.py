@@ -195,12 +195,25 @@ def tiny_synthetic(tiny_models):
 
 
 @pytest.fixture(scope="session")
-def tiny_evaluation(tiny_models, tiny_synthetic):
-    """`evaluate` on the tiny tile set with the tiny synthetic set: 3 arms × 2 seeds."""
+def external_test_set(tmp_path_factory, shared_data) -> Path:
+    """An external test set laid out as class folders: 5 crc5 tiles of AC and of H that the tiny
+    tile set does not hold, and one truncated JPEG to be quarantined."""
+    from tests.data.test_ingest import make_labeled_input
+
+    root = make_labeled_input(tmp_path_factory.mktemp("external") / "heldout", shared_data, classes=("AC", "H"), per_class=5, offset=1000)
+    (root / "H" / "truncated.jpg").write_bytes((shared_data / "crc5" / "train" / "H" / "train_image_H_0.jpg").read_bytes()[:300])
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_evaluation(tiny_models, tiny_synthetic, external_test_set):
+    """`evaluate` on the tiny tile set with the tiny synthetic set: 3 arms × 2 seeds, scored on the
+    test split and an external test set."""
     from histodiff_ray.config import load_config
     from histodiff_ray.evaluate import evaluate
 
     cfg = load_config("cpu", tiny_models["overrides"] + ["evaluate.seeds=2", "evaluate.cpus_per_run=0.5"])
     out = f"{tiny_models['root']}/eval"
-    result = evaluate(cfg, tiny_models["args"]["tiles"], out, synthetic={"tiny": tiny_synthetic}, judge=tiny_models["args"]["judge"])
+    result = evaluate(cfg, tiny_models["args"]["tiles"], out, synthetic={"tiny": tiny_synthetic}, judge=tiny_models["args"]["judge"],
+                      tests={"heldout": str(external_test_set)})
     return out, result

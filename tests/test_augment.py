@@ -1,8 +1,9 @@
-"""Random dihedral augmentation: each sample gets one of the 8 flips/rotations, nothing else changes."""
+"""Augmentation: random dihedral views (each sample one of the 8 flips/rotations, nothing else
+changes) and HED stain jitter (colour deconvolution, each stain changed on its own)."""
 
 import torch
 
-from histodiff_ray.augment import dihedral, random_dihedral
+from histodiff_ray.augment import dihedral, random_dihedral, random_stain_jitter, rgb_to_stains, stains_to_rgb
 
 
 def test_the_eight_elements_are_distinct_and_each_sample_is_one_of_them():
@@ -16,3 +17,38 @@ def test_the_eight_elements_are_distinct_and_each_sample_is_one_of_them():
         assert len(matches) == 1
         seen.add(matches[0])
     assert len(seen) >= 6  # per-sample draws, not one transform for the whole batch
+
+
+def _tissue(n: int, seed: int) -> torch.Tensor:
+    """H&E-like tiles in [-1, 1]: purple and pink pixels, none black or white (nothing clips)."""
+    g = torch.Generator().manual_seed(seed)
+    purple, pink = torch.tensor([110.0, 70.0, 160.0]), torch.tensor([225.0, 140.0, 185.0])
+    share = torch.rand(n, 1, 8, 8, generator=g)
+    rgb = share * purple[:, None, None] + (1 - share) * pink[:, None, None] + 10 * torch.randn(n, 3, 8, 8, generator=g)
+    return rgb.clamp(30, 240) / 127.5 - 1
+
+
+def test_stain_deconvolution_round_trips_and_zero_jitter_is_the_identity():
+    x = _tissue(4, 0).double()
+    torch.testing.assert_close(stains_to_rgb(rgb_to_stains(x)), x)
+    torch.testing.assert_close(random_stain_jitter(x, 0.0, torch.Generator().manual_seed(0)), x)
+
+
+def test_stain_jitter_changes_haematoxylin_and_eosin_separately_and_stays_in_range():
+    x = _tissue(64, 1).double()
+    out = random_stain_jitter(x, 0.05, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1 and not torch.equal(out, x)
+    before, after = rgb_to_stains(x), rgb_to_stains(out)
+    # Each tile's stains are an affine map of its own: fit the slope per tile and stain.
+    b, a = before.flatten(2), after.flatten(2)
+    bc, ac = b - b.mean(2, keepdim=True), a - a.mean(2, keepdim=True)
+    slope = (bc * ac).sum(2) / (bc * bc).sum(2)  # tiles × (H, E, DAB)
+    assert ((slope - 1).abs() <= 0.05 + 1e-6).all()  # α in [1 − σ, 1 + σ]
+    h, e = slope[:, 0], slope[:, 1]
+    assert (h - e).abs().max() > 0.02  # H and E drawn apart, not one colour shift for both
+    assert torch.corrcoef(torch.stack([h, e]))[0, 1].abs() < 0.5
+    # Pure haematoxylin scaled alone leaves the eosin density where it was.
+    stains = rgb_to_stains(x)
+    h_only = stains_to_rgb(stains * torch.tensor([1.2, 1.0, 1.0], dtype=x.dtype)[None, :, None, None])
+    torch.testing.assert_close(rgb_to_stains(h_only)[:, 1], stains[:, 1])
+    assert (rgb_to_stains(h_only)[:, 0] - stains[:, 0]).abs().max() > 0.01

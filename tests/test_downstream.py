@@ -18,17 +18,30 @@ def _two_stains(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(x, 0, 255).astype(np.uint8), y
 
 
-def test_classic_augment_gives_a_dihedral_view_and_bounded_jitter():
+def test_classic_augment_always_turns_and_flips_and_adds_colour_only_when_asked():
     x = to_tensor(_two_stains(8, 0)[0])
-    g = torch.Generator().manual_seed(0)
-    plain = classic_augment(x, g, jitter=0.0)
+    plain = classic_augment(x, torch.Generator().manual_seed(0), colour=False)
     for src, out in zip(x, plain):
         views = [torch.rot90(src, r, dims=(1, 2)) for r in range(4)]
         views += [v.flip(2) for v in views]
         assert any(torch.equal(out, v) for v in views)
-    jittered = classic_augment(x, torch.Generator().manual_seed(0), jitter=0.1)
-    assert jittered.shape == x.shape and jittered.min() >= -1 and jittered.max() <= 1
-    assert not torch.equal(jittered, plain)
+    assert not torch.equal(plain, x)  # the dihedral views are there without colour augmentation too
+    coloured = classic_augment(x, torch.Generator().manual_seed(0))
+    assert coloured.shape == x.shape and coloured.min() >= -1 and coloured.max() <= 1
+    assert not torch.equal(coloured, plain)
+    stain_only = classic_augment(x, torch.Generator().manual_seed(0), stain=0.05, jitter=0.0)
+    assert not torch.equal(stain_only, plain) and not torch.equal(stain_only, coloured)
+
+
+def test_the_step_budget_follows_budget_tiles_not_the_training_set():
+    x, y = _two_stains(48, 3)
+    cfg = DownstreamConfig(arch="resnet18", epochs=2, patience=2, batch_size=16, lr=1e-3, weight_decay=0.0)
+    _, own = train_tile_classifier(x[:16], y[:16], x[:8], y[:8], cfg, num_classes=2, seed=0)
+    _, more = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=0, budget_tiles=16)
+    # 16 real tiles, batch 16: one step an epoch, whether the arm holds 16 tiles or three times as many.
+    assert [h["step"] for h in own] == [h["step"] for h in more] == [1, 2]
+    _, uncapped = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=0)
+    assert [h["step"] for h in uncapped] == [3, 6]
 
 
 def test_training_keeps_the_best_val_epoch_and_survives_save_and_load(tmp_path):

@@ -1,8 +1,11 @@
-"""`histodiff evaluate` on the tiny tile set and synthetic set: arms × seeds as Ray tasks, metrics
-with confidence intervals, generation metrics on the judge's features."""
+"""`histodiff evaluate` on the tiny tile set and synthetic set: arms × seeds as Ray tasks on one
+step budget, metrics with confidence intervals on the test split and an external test set,
+generation metrics on the judge's features."""
 
 import io
 import json
+
+import pytest
 
 from histodiff_ray.config import load_config
 from histodiff_ray.storage import open_location, read_bytes
@@ -23,6 +26,18 @@ def test_evaluate_reports_every_arm_with_intervals_and_generation_metrics(tiny_m
         assert sum(map(sum, row["confusion"])) == 2 * result["test_tiles"]
     runs = result["runs"]
     assert len(runs) == 6 and all(r["best_epoch"] >= 1 and r["history"] for r in runs)
+    # One optimizer-step budget for every arm, set by the real labeled tiles: the synthetic arm's extra
+    # tiles buy no extra steps.
+    assert len({r["steps"] for r in runs}) == 1 and {row["steps"] for row in result["arms"].values()} == {runs[0]["steps"]}
+    assert runs[0]["steps"] == cfg.downstream.epochs * -(-real_n // cfg.downstream.batch_size)
+    # The external test set: one tile per readable image, the truncated one quarantined, every model scored on it.
+    heldout = result["external_tests"]["heldout"]
+    assert heldout["tiles"] == 10 and heldout["per_class"] == {"AC": 5, "H": 5}
+    assert [q["path"].rsplit("/", 1)[-1] for q in heldout["quarantined"]] == ["truncated.jpg"]
+    for r in runs:
+        assert sum(map(sum, r["external"]["heldout"]["confusion"])) == 10
+    for row in result["arms"].values():
+        assert row["external"]["heldout"]["accuracy"]["n"] == 2
     # Model selection reads val only: the kept epoch is the one with the best val macro-F1.
     for r in runs:
         assert r["val_macro_f1"] == max(h["val_macro_f1"] for h in r["history"])
@@ -32,7 +47,8 @@ def test_evaluate_reports_every_arm_with_intervals_and_generation_metrics(tiny_m
     assert "judge" in result["generation"]["features"]
     loc = open_location(out, cfg.storage)
     assert json.loads(read_bytes(loc.join("evaluation.json")))["arms"].keys() == result["arms"].keys()
-    assert "| real+aug+syn:tiny |" in read_bytes(loc.join("table.md")).decode()
+    table = read_bytes(loc.join("table.md")).decode()
+    assert "| real+aug+syn:tiny |" in table and "heldout accuracy |" in table and "External test set heldout: 10 tiles" in table
 
 
 def test_load_synthetic_takes_kept_tiles_per_class_in_proportion(tiny_models, tiny_synthetic):
@@ -54,7 +70,7 @@ def test_load_synthetic_takes_kept_tiles_per_class_in_proportion(tiny_models, ti
     assert len(y_all) >= len(kept)
 
 
-def test_a_rerun_reuses_finished_runs_and_trains_only_the_missing_ones(tiny_models, tiny_evaluation, capsys):
+def test_a_rerun_reuses_finished_runs_and_trains_only_the_missing_ones(tiny_models, tiny_evaluation, external_test_set, capsys):
     from histodiff_ray.evaluate import _jsonable, evaluate
     from histodiff_ray.storage import list_files
 
@@ -68,7 +84,7 @@ def test_a_rerun_reuses_finished_runs_and_trains_only_the_missing_ones(tiny_mode
 
     capsys.readouterr()
     again = evaluate(cfg, tiny_models["args"]["tiles"], out, synthetic={"tiny": first["synthetic"]["tiny"]},
-                     judge=tiny_models["args"]["judge"])
+                     judge=tiny_models["args"]["judge"], tests={"heldout": str(external_test_set)})
     assert "[evaluate] 5 of 6 runs finished before: reused" in capsys.readouterr().out
     assert sorted(list_files(runs)) == sorted(stored)
     key = (lost["arm"], lost["seed"])
@@ -76,3 +92,40 @@ def test_a_rerun_reuses_finished_runs_and_trains_only_the_missing_ones(tiny_mode
     for old, new in zip(first["runs"], again["runs"]):
         if (old["arm"], old["seed"]) != key:
             assert json.loads(json.dumps(old, default=_jsonable)) == new
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"AC": 2, "T": 2, "X": 1}, "its classes do not match the training classes: extra T, X; missing H"),
+    ({}, "no images in class folders; lay it out as <CLASS>/<image> with CLASS one of ['AC', 'H']"),
+    ({"AC": 1, "H": 0}, "missing H"),
+])
+def test_an_external_test_set_with_other_classes_or_no_images_fails_in_one_line(tiny_models, tmp_path, shared_data, layout, message):
+    from histodiff_ray.errors import HistodiffError
+    from histodiff_ray.evaluate import evaluate
+
+    cfg = load_config("cpu", tiny_models["overrides"])
+    src = shared_data / "crc5" / "train" / "AC" / "train_image_AC_0.jpg"
+    for cls, n in layout.items():
+        (tmp_path / "ext" / cls).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "ext" / cls / f"{i}.jpg").write_bytes(src.read_bytes())
+    (tmp_path / "ext").mkdir(exist_ok=True)
+    with pytest.raises(HistodiffError) as err:
+        evaluate(cfg, tiny_models["args"]["tiles"], str(tmp_path / "out"), tests={"ext": str(tmp_path / "ext")})
+    assert message in str(err.value) and f"--test ext={tmp_path / 'ext'}" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_an_unreadable_external_test_set_names_itself(tiny_models, tmp_path):
+    from histodiff_ray.errors import HistodiffError
+    from histodiff_ray.evaluate import evaluate
+
+    cfg = load_config("cpu", tiny_models["overrides"])
+    (tmp_path / "ext" / "AC").mkdir(parents=True)
+    (tmp_path / "ext" / "AC" / "a.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "ext" / "H").mkdir()
+    (tmp_path / "ext" / "H" / "b.png").write_bytes(b"not a png either")
+    with pytest.raises(HistodiffError, match=r"--test ext=.*: none of its 2 images could be read"):
+        evaluate(cfg, tiny_models["args"]["tiles"], str(tmp_path / "out"), tests={"ext": str(tmp_path / "ext")})
+    with pytest.raises(HistodiffError, match=r"--test gone=.*does not exist"):
+        evaluate(cfg, tiny_models["args"]["tiles"], str(tmp_path / "out"), tests={"gone": str(tmp_path / "nowhere")})
