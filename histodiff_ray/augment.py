@@ -51,8 +51,10 @@ def stains_to_rgb(stains: torch.Tensor) -> torch.Tensor:
 
 
 def random_stain_jitter(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Tellez et al.'s HED jitter: each tile's H, E and DAB densities become ``α·s + β`` with
-    α ~ U(1 − σ, 1 + σ) and β ~ U(−σ, σ) drawn per tile and per stain (σ = 0.05: their "HED-light")."""
+    """HED jitter after Tellez et al.: each tile's H, E and DAB densities become ``α·s + β`` with
+    α ~ U(1 − σ, 1 + σ) and β ~ U(−σ, σ) drawn per tile and per stain. The densities here are true
+    optical densities, so σ is not on the scale of their "HED-light" σ = 0.05 (σ = 0.05 here moves a
+    typical H&E pixel by a few grey levels)."""
     alpha = 1 + sigma * (2 * torch.rand(len(x), 3, 1, 1, generator=generator) - 1)
     beta = sigma * (2 * torch.rand(len(x), 3, 1, 1, generator=generator) - 1)
     return stains_to_rgb(alpha.to(x.dtype) * rgb_to_stains(x) + beta.to(x.dtype))

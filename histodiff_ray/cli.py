@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -211,11 +212,14 @@ def _parse_mpp(values: list[str] | None) -> dict[str, float]:
     for v in values or []:
         name, _, mpp = v.partition("=")
         try:
-            out[name] = float(mpp)
+            value = float(mpp)
         except ValueError:
             raise HistodiffError(f"--test-mpp {v!r}: write NAME=MICRONS_PER_PIXEL, e.g. nct=0.5") from None
-        if out[name] <= 0:
-            raise HistodiffError(f"--test-mpp {v!r}: microns per pixel must be > 0")
+        if not math.isfinite(value) or value <= 0:
+            raise HistodiffError(f"--test-mpp {v!r}: microns per pixel must be a number > 0")
+        if name in out:
+            raise HistodiffError(f"--test-mpp: {name!r} is given twice")
+        out[name] = value
     return out
 
 
@@ -427,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", default=None, help="train-judge folder: its features give the generation metrics")
     p.add_argument("--test", action="append", metavar="NAME=DIR", help="an external test set, reported beside the test split: "
                    "<CLASS>/<image> folders named like the training classes (local or s3://), one tile per image as ingest "
-                   "makes it; repeat for several")
+                   "makes it; repeat for several. The sets are part of what a stored run depends on: another set of "
+                   "--test retrains every run")
     p.add_argument("--test-mpp", action="append", metavar="NAME=MPP", help="microns per pixel of the --test set NAME, resampled "
                    "to data.microns_per_pixel (as ingest --mpp); without it each image is resized to the tile size")
     p.add_argument("--output", required=True, help="evaluation folder (local or s3://)")

@@ -5,7 +5,7 @@ real labeled tiles) and the downstream classifier of the evaluation. Training (A
 over a fixed budget of optimizer steps) keeps the epoch with the best val macro-F1 (early stopping
 with ``patience``): the test split is never seen here.
 
-    model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, seed=0)
+    model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, num_classes=5, seed=0)
     probs, features = predict(model, tiles)
 """
 
@@ -90,14 +90,21 @@ def index_batches(n: int, size: int, generator: torch.Generator):
         order = order[size:]
 
 
+def step_budget(cfg: DownstreamConfig, budget_tiles: int) -> tuple[int, int]:
+    """(batch size, steps per epoch) for ``cfg.epochs`` passes over ``budget_tiles`` tiles: the same
+    for every training set that shares the budget, whatever its own size."""
+    batch = min(cfg.batch_size, budget_tiles)
+    return batch, math.ceil(budget_tiles / batch)
+
+
 def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                           cfg: DownstreamConfig, num_classes: int, seed: int, colour_augment: bool = True,
                           budget_tiles: int | None = None, log=None) -> tuple[torch.nn.Module, list[dict]]:
     """Train on uint8 tiles; returns the model at its best val macro-F1 epoch and the history.
 
     The budget is optimizer steps, not tiles: an *epoch* is ceil(``budget_tiles`` / batch size)
-    steps (``budget_tiles`` defaults to the number of training tiles), ``cfg.epochs`` of them under
-    one one-cycle schedule. The evaluation passes the real labeled count for every arm, so an arm
+    steps of the same batch size (``budget_tiles`` defaults to the number of training tiles; see
+    step_budget), ``cfg.epochs`` of them under one one-cycle schedule. The evaluation passes the real labeled count for every arm, so an arm
     with synthetic tiles gets the same steps as the real one, not more. Val is scored after each
     epoch; training stops after ``cfg.patience`` epochs without a better val macro-F1."""
     if len(train_x) < 2:
@@ -107,12 +114,12 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
     model = build_tile_classifier(cfg.arch, num_classes, train_x.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_all, y_all = to_tensor(train_x), torch.from_numpy(np.asarray(train_y, dtype=np.int64))
-    steps_per_epoch = math.ceil((budget_tiles or len(x_all)) / cfg.batch_size)
+    batch, steps_per_epoch = step_budget(cfg, budget_tiles or len(x_all))
     # One-cycle LR over the whole budget (warm-up, then cosine annealing to ~0): with a few hundred
     # labels a constant LR leaves the val score noisy from epoch to epoch.
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                    pct_start=0.15)
-    batches = index_batches(len(x_all), min(cfg.batch_size, len(x_all)), g)
+    batches = index_batches(len(x_all), batch, g)
     best, best_state, history, since_best = -1.0, None, [], 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()

@@ -106,23 +106,24 @@ def load_test_set(cfg: Config, name: str, uri: str, classes: list[str], mpp: flo
         raise HistodiffError(f"{where}: its classes do not match the training classes: extra {', '.join(extra) or 'none'}; "
                              f"missing {', '.join(missing) or 'none'}")
     opts = TileOptions(True, cfg.data.tile_size, cfg.data.microns_per_pixel, mpp, cfg.data.tissue_fraction, cfg.data.max_image_pixels)
-    tiles, labels, ids = [], [], []
+    tiles, labels, ids, undecodable = [], [], [], []
     for result in process_files(work, loc.filesystem, opts, known={}):
         if result.reason:
-            quarantined.append({"path": result.uri, "reason": result.reason})
+            undecodable.append({"path": result.uri, "reason": result.reason})
             continue
         for tile in result.tiles:
             tiles.append(tile["image"])
             labels.append(classes.index(tile["label_name"]))
             ids.append(tile["tile_id"])
     if not tiles:
-        raise HistodiffError(f"{where}: none of its {len(work)} images could be read ({quarantined[0]['reason']}: {quarantined[0]['path']})")
+        raise HistodiffError(f"{where}: none of its {len(work)} images could be read ({undecodable[0]['reason']}: {undecodable[0]['path']})")
+    quarantined += undecodable
     if quarantined:
         print(f"[evaluate] {where}: {len(quarantined)} files quarantined, e.g. {quarantined[0]['path']}: {quarantined[0]['reason']}",
               flush=True)
     y = np.asarray(labels, np.int64)
     summary = {"uri": uri, "tiles": len(tiles), "per_class": {c: int((y == k).sum()) for k, c in enumerate(classes)},
-               "mpp": mpp, "quarantined": quarantined, "digest": _digest(json.dumps([ids, labels]).encode())}
+               "mpp": mpp, "quarantined": quarantined, "digest": _digest(json.dumps([ids, labels]).encode()), "ids": ids}
     return decode_images(tiles), y, summary
 
 
@@ -134,7 +135,7 @@ def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tupl
     import torch
 
     from histodiff_ray.config import config_from_dict
-    from histodiff_ray.downstream import predict, train_tile_classifier
+    from histodiff_ray.downstream import predict, step_budget, train_tile_classifier
     from histodiff_ray.metrics import classification_report
 
     torch.set_num_threads(1)
@@ -144,15 +145,17 @@ def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tupl
     started, started_cpu = time.perf_counter(), time.process_time()
     model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, k, seed=seed,
                                            colour_augment=colour_augment, budget_tiles=budget_tiles)
-    # Wall time depends on what else the machine runs; CPU time of the one torch thread does not.
+    # Wall time depends on what else the machine runs; this process's CPU time (one torch thread,
+    # val scoring included) much less so.
     train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
     best = max(history, key=lambda r: r["val_macro_f1"])
     reports = {}
     for name, (test_x, test_y) in tests.items():
         probs, _ = predict(model, test_x)
         reports[name] = classification_report(test_y, probs.argmax(1), k, class_names=classes)
+    _, steps_per_epoch = step_budget(cfg.downstream, budget_tiles)
     return {"arm": arm, "seed": seed, "best_epoch": best["epoch"], "val_macro_f1": best["val_macro_f1"],
-            "train_tiles": int(len(train_y)), "steps": history[-1]["step"], "train_seconds": train_seconds,
+            "train_tiles": int(len(train_y)), "steps": cfg.downstream.epochs * steps_per_epoch, "steps_run": history[-1]["step"], "train_seconds": train_seconds,
             "train_cpu_seconds": train_cpu_seconds, "history": history,
             "test": reports.pop("test"), "external": reports}
 
@@ -165,6 +168,11 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
 
     from histodiff_ray.raycluster import init_ray
 
+    if "test" in (tests or {}):
+        raise HistodiffError("--test: the name 'test' is the tile set's own test split; call the external set something else")
+    unknown = sorted(set(test_mpp or {}) - set(tests or {}))
+    if unknown:
+        raise HistodiffError(f"--test-mpp names {', '.join(unknown)}, which no --test NAME=DIR gives")
     e = cfg.evaluate
     tiles_loc, out = open_location(tiles, cfg.storage), open_location(output, cfg.storage)
     manifest = require_manifest(tiles_loc)
@@ -177,14 +185,16 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
             raise HistodiffError(f"evaluate: {tiles} has no {'labeled ' if labeled_only else ''}{split} tiles")
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits["train"], splits["val"], splits["test"]
     real_counts = np.bincount(train_y, minlength=len(classes))
-    if "test" in (tests or {}):
-        raise HistodiffError("--test: the name 'test' is the tile set's own test split; call the external set something else")
-    unknown = sorted(set(test_mpp or {}) - set(tests or {}))
-    if unknown:
-        raise HistodiffError(f"--test-mpp names {', '.join(unknown)}, which no --test NAME=DIR gives")
     test_sets, external = {"test": (test_x, test_y)}, {}
+    if tests:
+        own_ids = set(pa.concat_tables([load_tile_table(tiles_loc, split, columns=["tile_id"]) for split in ("train", "val", "test")])
+                      .column("tile_id").to_pylist())
     for name, uri in (tests or {}).items():
         x, y, external[name] = load_test_set(cfg, name, uri, classes, (test_mpp or {}).get(name))
+        # Pixel-identical tiles (content-hash ids) in the tile set: a held-out set should have none.
+        external[name]["in_tile_set"] = sum(1 for i in external[name].pop("ids") if i in own_ids)
+        if external[name]["in_tile_set"]:
+            print(f"[evaluate] --test {name}: {external[name]['in_tile_set']} of its tiles are also in {tiles}", flush=True)
         test_sets[name] = (x, y)
     # arm → (tiles, labels, colour augmentation, the synthetic set's identity)
     arms = {"real": (train_x, train_y, False, None), "real+aug": (train_x, train_y, True, None)}

@@ -160,9 +160,11 @@ def _evaluation_html(result: dict, put) -> str:
         sets += f" External test set <b>{html.escape(name)}</b>: {t['tiles']} tiles from {html.escape(t['uri'])}{quarantined}."
     parts = ["<h2>Downstream accuracy (test split and external test sets)</h2>",
              f"<p class='note'>{result['seeds']} seeds per arm; mean ± sd and a 95% t-interval over seeds. "
-             f"Test tiles: {result['test_tiles']}; real labeled train tiles: {result['real_train_tiles']}. Every arm trains "
-             "for the same number of optimizer steps. Epochs were chosen on val macro-F1; each model read the test split and "
-             f"each external test set once, after training.{sets}</p>",
+             f"Test tiles: {result['test_tiles']}; real labeled train tiles: {result['real_train_tiles']}. "
+             + ("Every arm trains for the same number of optimizer steps (a budget set by the real labeled tiles). "
+                if "external_tests" in result else "")
+             + "Epochs were chosen on val macro-F1; each model read the test split"
+             f"{' and each external test set' if external else ''} once, after training.{sets}</p>",
              "<table><tr><th>arm</th><th>train tiles</th><th>steps</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th>"
              "<th>val macro-F1</th>" + "".join(f"<th>{html.escape(name)} accuracy</th>" for name in external) + f"</tr>{rows}</table>"]
     arms = list(result["arms"])

@@ -197,11 +197,14 @@ def tiny_synthetic(tiny_models):
 @pytest.fixture(scope="session")
 def external_test_set(tmp_path_factory, shared_data) -> Path:
     """An external test set laid out as class folders: 5 crc5 tiles of AC and of H that the tiny
-    tile set does not hold, and one truncated JPEG to be quarantined."""
+    tile set does not hold, one AC tile that it does (to be counted as such) and one truncated JPEG
+    (to be quarantined)."""
     from tests.data.test_ingest import make_labeled_input
 
+    crc5 = shared_data / "crc5" / "train"
     root = make_labeled_input(tmp_path_factory.mktemp("external") / "heldout", shared_data, classes=("AC", "H"), per_class=5, offset=1000)
-    (root / "H" / "truncated.jpg").write_bytes((shared_data / "crc5" / "train" / "H" / "train_image_H_0.jpg").read_bytes()[:300])
+    (root / "AC" / "also_in_the_tile_set.jpg").write_bytes(sorted((crc5 / "AC").glob("*.jpg"))[0].read_bytes())
+    (root / "H" / "truncated.jpg").write_bytes((crc5 / "H" / "train_image_H_0.jpg").read_bytes()[:300])
     return root
 
 

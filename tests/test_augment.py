@@ -1,9 +1,10 @@
 """Augmentation: random dihedral views (each sample one of the 8 flips/rotations, nothing else
 changes) and HED stain jitter (colour deconvolution, each stain changed on its own)."""
 
+import pytest
 import torch
 
-from histodiff_ray.augment import dihedral, random_dihedral, random_stain_jitter, rgb_to_stains, stains_to_rgb
+from histodiff_ray.augment import HED_STAINS, dihedral, random_dihedral, random_stain_jitter, rgb_to_stains, stains_to_rgb
 
 
 def test_the_eight_elements_are_distinct_and_each_sample_is_one_of_them():
@@ -32,6 +33,18 @@ def test_stain_deconvolution_round_trips_and_zero_jitter_is_the_identity():
     x = _tissue(4, 0).double()
     torch.testing.assert_close(stains_to_rgb(rgb_to_stains(x)), x)
     torch.testing.assert_close(random_stain_jitter(x, 0.0, torch.Generator().manual_seed(0)), x)
+    x32 = _tissue(4, 0)  # the float32 path that training takes
+    torch.testing.assert_close(stains_to_rgb(rgb_to_stains(x32)), x32, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("stain", [0, 1, 2])
+def test_a_pixel_of_one_pure_stain_deconvolves_to_that_stain_alone(stain):
+    density = 0.6
+    optical_density = density * HED_STAINS[stain]  # haematoxylin, eosin or DAB alone
+    x = (torch.exp(-optical_density) * 2 - 1).reshape(1, 3, 1, 1)
+    expected = torch.zeros(3, dtype=torch.float64)
+    expected[stain] = density
+    torch.testing.assert_close(rgb_to_stains(x).flatten(), expected)
 
 
 def test_stain_jitter_changes_haematoxylin_and_eosin_separately_and_stays_in_range():

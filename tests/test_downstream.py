@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from histodiff_ray.config import DownstreamConfig
-from histodiff_ray.downstream import classic_augment, load_tile_classifier, predict, save_tile_classifier, to_tensor, train_tile_classifier
+from histodiff_ray.downstream import (classic_augment, load_tile_classifier, predict, save_tile_classifier, step_budget, to_tensor,
+                                      train_tile_classifier)
 
 
 def _two_stains(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +43,9 @@ def test_the_step_budget_follows_budget_tiles_not_the_training_set():
     assert [h["step"] for h in own] == [h["step"] for h in more] == [1, 2]
     _, uncapped = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=0)
     assert [h["step"] for h in uncapped] == [3, 6]
+    # Fewer budget tiles than a batch: every training set trains on batches of that many, not one
+    # arm on small batches and another on full ones.
+    assert step_budget(cfg, 10) == (10, 1) and step_budget(cfg, 40) == (16, 3)
 
 
 def test_training_keeps_the_best_val_epoch_and_survives_save_and_load(tmp_path):

@@ -30,12 +30,14 @@ def test_evaluate_reports_every_arm_with_intervals_and_generation_metrics(tiny_m
     # tiles buy no extra steps.
     assert len({r["steps"] for r in runs}) == 1 and {row["steps"] for row in result["arms"].values()} == {runs[0]["steps"]}
     assert runs[0]["steps"] == cfg.downstream.epochs * -(-real_n // cfg.downstream.batch_size)
-    # The external test set: one tile per readable image, the truncated one quarantined, every model scored on it.
+    assert all(r["steps_run"] <= r["steps"] for r in runs)
+    # The external test set: one tile per readable image, the truncated one quarantined, the tile
+    # also in the tile set counted, every model scored on it.
     heldout = result["external_tests"]["heldout"]
-    assert heldout["tiles"] == 10 and heldout["per_class"] == {"AC": 5, "H": 5}
+    assert heldout["tiles"] == 11 and heldout["per_class"] == {"AC": 6, "H": 5} and heldout["in_tile_set"] == 1
     assert [q["path"].rsplit("/", 1)[-1] for q in heldout["quarantined"]] == ["truncated.jpg"]
     for r in runs:
-        assert sum(map(sum, r["external"]["heldout"]["confusion"])) == 10
+        assert sum(map(sum, r["external"]["heldout"]["confusion"])) == 11
     for row in result["arms"].values():
         assert row["external"]["heldout"]["accuracy"]["n"] == 2
     # Model selection reads val only: the kept epoch is the one with the best val macro-F1.
@@ -48,7 +50,7 @@ def test_evaluate_reports_every_arm_with_intervals_and_generation_metrics(tiny_m
     loc = open_location(out, cfg.storage)
     assert json.loads(read_bytes(loc.join("evaluation.json")))["arms"].keys() == result["arms"].keys()
     table = read_bytes(loc.join("table.md")).decode()
-    assert "| real+aug+syn:tiny |" in table and "heldout accuracy |" in table and "External test set heldout: 10 tiles" in table
+    assert "| real+aug+syn:tiny |" in table and "heldout accuracy |" in table and "External test set heldout: 11 tiles" in table
 
 
 def test_load_synthetic_takes_kept_tiles_per_class_in_proportion(tiny_models, tiny_synthetic):
