@@ -36,12 +36,13 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
 # Ruifrok & Johnston (2001) stain vectors in optical density (rows: haematoxylin, eosin, DAB), unit length.
 HED_STAINS = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
 HED_STAINS = HED_STAINS / HED_STAINS.norm(dim=1, keepdim=True)
+HED_UNMIX = torch.linalg.inv(HED_STAINS)  # optical density → stain densities, computed once rather than per batch
 
 
 def rgb_to_stains(x: torch.Tensor) -> torch.Tensor:
     """Tiles N×3×H×W in [-1, 1] → stain densities N×3×H×W (haematoxylin, eosin, DAB)."""
     optical_density = -torch.log(((x + 1) * 127.5).clamp(min=1.0) / 255.0)  # a black pixel would be infinitely dense
-    return torch.einsum("nchw,cs->nshw", optical_density, torch.linalg.inv(HED_STAINS).to(x.dtype))
+    return torch.einsum("nchw,cs->nshw", optical_density, HED_UNMIX.to(x.dtype))
 
 
 def stains_to_rgb(stains: torch.Tensor) -> torch.Tensor:

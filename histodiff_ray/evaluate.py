@@ -84,11 +84,14 @@ def load_synthetic(cfg: Config, uri: str, real_counts: np.ndarray, ratio: float,
             np.asarray(labels, np.int64))
 
 
-def load_test_set(cfg: Config, name: str, uri: str, classes: list[str], mpp: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def load_test_set(cfg: Config, name: str, uri: str, classes: list[str], mpp: float | None = None,
+                  known_ids: set[str] = frozenset()) -> tuple[np.ndarray, np.ndarray, dict]:
     """An external test set at ``uri``: ``<CLASS>/<image>`` folders named like the training classes,
     each image made into one tile by ingest's own code (the same decoding checks, µm/px resampling
     from ``mpp`` and tile size). Returns (uint8 tiles, labels, a summary listing quarantined files).
-    Read once per evaluation, in the driver; never used for training or any choice."""
+    ``known_ids`` are the tile set's own tile ids: pixel-identical tiles (content-hash ids) are
+    counted as ``in_tile_set`` (a held-out set should have none). Read once per evaluation, in the
+    driver; never used for training or any choice."""
     from histodiff_ray.data.ingest import TileOptions, plan_sources, process_files
 
     where = f"--test {name}={uri}"
@@ -123,7 +126,10 @@ def load_test_set(cfg: Config, name: str, uri: str, classes: list[str], mpp: flo
               flush=True)
     y = np.asarray(labels, np.int64)
     summary = {"uri": uri, "tiles": len(tiles), "per_class": {c: int((y == k).sum()) for k, c in enumerate(classes)},
-               "mpp": mpp, "quarantined": quarantined, "digest": _digest(json.dumps([ids, labels]).encode()), "ids": ids}
+               "mpp": mpp, "quarantined": quarantined, "digest": _digest(json.dumps([ids, labels]).encode()),
+               "in_tile_set": sum(1 for i in ids if i in known_ids)}
+    if summary["in_tile_set"]:
+        print(f"[evaluate] {where}: {summary['in_tile_set']} of its tiles are also in the tile set", flush=True)
     return decode_images(tiles), y, summary
 
 
@@ -155,8 +161,8 @@ def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tupl
         reports[name] = classification_report(test_y, probs.argmax(1), k, class_names=classes)
     _, steps_per_epoch = step_budget(cfg.downstream, budget_tiles)
     return {"arm": arm, "seed": seed, "best_epoch": best["epoch"], "val_macro_f1": best["val_macro_f1"],
-            "train_tiles": int(len(train_y)), "steps": cfg.downstream.epochs * steps_per_epoch, "steps_run": history[-1]["step"], "train_seconds": train_seconds,
-            "train_cpu_seconds": train_cpu_seconds, "history": history,
+            "train_tiles": int(len(train_y)), "steps": cfg.downstream.epochs * steps_per_epoch, "steps_run": history[-1]["step"],
+            "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "history": history,
             "test": reports.pop("test"), "external": reports}
 
 
@@ -190,11 +196,7 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
         own_ids = set(pa.concat_tables([load_tile_table(tiles_loc, split, columns=["tile_id"]) for split in ("train", "val", "test")])
                       .column("tile_id").to_pylist())
     for name, uri in (tests or {}).items():
-        x, y, external[name] = load_test_set(cfg, name, uri, classes, (test_mpp or {}).get(name))
-        # Pixel-identical tiles (content-hash ids) in the tile set: a held-out set should have none.
-        external[name]["in_tile_set"] = sum(1 for i in external[name].pop("ids") if i in own_ids)
-        if external[name]["in_tile_set"]:
-            print(f"[evaluate] --test {name}: {external[name]['in_tile_set']} of its tiles are also in {tiles}", flush=True)
+        x, y, external[name] = load_test_set(cfg, name, uri, classes, (test_mpp or {}).get(name), own_ids)
         test_sets[name] = (x, y)
     # arm → (tiles, labels, colour augmentation, the synthetic set's identity)
     arms = {"real": (train_x, train_y, False, None), "real+aug": (train_x, train_y, True, None)}
