@@ -420,12 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_select)
 
-    p = sub.add_parser("evaluate", help="downstream classifiers on real / real+aug / real+aug+synthetic, k seeds each",
+    p = sub.add_parser("evaluate", help="downstream classifiers on real / real+aug / pseudo-label / synthetic arms, k seeds each",
                        description="Train the downstream classifier (downstream.arch) per arm and seed as Ray tasks, every arm "
-                                   "for the same number of optimizer steps (downstream.epochs passes over the real labeled tiles); "
-                                   "the epoch is chosen on val, the test split and each --test set read once per model at the end. "
-                                   "Writes OUT/evaluation.json and OUT/table.md (mean ± sd and 95% CI over seeds), and with --judge "
-                                   "the FID/KID/precision/recall of each synthetic set against real val tiles on the judge's features.")
+                                   "for the same number of optimizer steps (downstream.epochs passes over the real labeled tiles). "
+                                   "Arms (evaluate.arms): real (rotations/flips), real+aug (+ HED stain jitter), pseudo-label "
+                                   "(self-training on the unlabeled train tiles: a real+aug teacher, then a student); per --synthetic "
+                                   "set (evaluate.synthetic_uses): mixed into real+aug, and synthetic-first (half the budget on "
+                                   "synthetic tiles, then real). evaluate.label_fractions=0.01,0.05,0.1,1.0 repeats every arm on "
+                                   "nested subsets of the tile set's labels (the label-efficiency curve; ingest with "
+                                   "data.label_fraction=1.0 for that); a synthetic set counts at the fraction of the tile set it was "
+                                   "generated from. The epoch is chosen on val, the test split and each --test set read once per "
+                                   "model at the end. Writes OUT/evaluation.json and OUT/table.md (mean ± sd and 95% CI over "
+                                   "seeds), and with --judge the FID/KID/precision/recall of each synthetic set against real val "
+                                   "tiles on the judge's features.")
     p.add_argument("--tiles", required=True, help="the labeled tile set (train labels, val, test)")
     p.add_argument("--synthetic", action="append", metavar="[NAME=]URI", help="a generate output; repeat to compare several")
     p.add_argument("--judge", default=None, help="train-judge folder: its features give the generation metrics")

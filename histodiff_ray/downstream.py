@@ -2,8 +2,9 @@
 
 One trainer serves two roles: the *judge* that scores synthetic tiles for selection (trained on the
 real labeled tiles) and the downstream classifier of the evaluation. Training (AdamW, a one-cycle LR
-over a fixed budget of optimizer steps) keeps the epoch with the best val macro-F1 (early stopping
-with ``patience``): the test split is never seen here.
+over a fixed budget of optimizer steps) keeps the scored epoch with the best val macro-F1 (val is
+scored every ``val_every`` epochs and after the last; early stopping with ``patience``): the test
+split is never seen here.
 
     model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, num_classes=5, seed=0)
     probs, features = predict(model, tiles)
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histodiff_ray.augment import random_dihedral, random_stain_jitter
+from histodiff_ray.augment import dihedral, random_dihedral, random_stain_jitter
 from histodiff_ray.config import DownstreamConfig
 from histodiff_ray.metrics import macro_f1  # noqa: F401  (sklearn macro-F1, zero_division=0; re-exported)
 
@@ -40,7 +41,10 @@ def build_tile_classifier(arch: str, num_classes: int, tile_size: int | None) ->
 
 def to_tensor(tiles: np.ndarray) -> torch.Tensor:
     """uint8 N×H×W×3 → float32 N×3×H×W in [-1, 1] (channels-last strides)."""
-    return torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    tiles = np.ascontiguousarray(tiles)
+    if not tiles.flags.writeable:  # Ray's object store hands out read-only arrays, which torch warns about
+        tiles = tiles.copy()
+    return torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def classic_augment(x: torch.Tensor, generator: torch.Generator, colour: bool = True, stain: float = 0.05,
@@ -65,14 +69,19 @@ def classic_augment(x: torch.Tensor, generator: torch.Generator, colour: bool = 
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, tiles: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (N×K) and penultimate features (N×D) of uint8 tiles."""
+def predict(model: torch.nn.Module, tiles: np.ndarray, batch_size: int = 256, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (N×K) and penultimate features (N×D) of uint8 tiles. With ``tta``, both
+    are averaged over the tile's eight rotations and flips (test-time augmentation: 8× the cost)."""
     model.eval()
     probs, feats = [], []
     for start in range(0, len(tiles), batch_size):
         x = to_tensor(tiles[start:start + batch_size])
-        f = model.forward_head(model.forward_features(x), pre_logits=True)
-        probs.append(F.softmax(model.get_classifier()(f), dim=1).numpy())
+        p = f = 0
+        views = range(8) if tta else [0]
+        for k in views:
+            features = model.forward_head(model.forward_features(dihedral(x, k)), pre_logits=True)
+            p, f = p + F.softmax(model.get_classifier()(features), dim=1) / len(views), f + features / len(views)
+        probs.append(p.numpy())
         feats.append(f.numpy())
     k = model.num_classes
     return (np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
@@ -99,21 +108,25 @@ def step_budget(cfg: DownstreamConfig, budget_tiles: int) -> tuple[int, int]:
 
 def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                           cfg: DownstreamConfig, num_classes: int, seed: int, colour_augment: bool = True,
-                          budget_tiles: int | None = None, log=None) -> tuple[torch.nn.Module, list[dict]]:
+                          budget_tiles: int | None = None, init: torch.nn.Module | None = None,
+                          log=None) -> tuple[torch.nn.Module, list[dict]]:
     """Train on uint8 tiles; returns the model at its best val macro-F1 epoch and the history.
 
     The budget is optimizer steps, not tiles: an *epoch* is ceil(``budget_tiles`` / batch size)
     steps of the same batch size (``budget_tiles`` defaults to the number of training tiles; see
-    step_budget), ``cfg.epochs`` of them under one one-cycle schedule. The evaluation passes the real labeled count for every arm, so an arm
-    with synthetic tiles gets the same steps as the real one, not more. Val is scored after each
-    epoch; training stops after ``cfg.patience`` epochs without a better val macro-F1."""
+    step_budget), ``cfg.epochs`` of them under one one-cycle schedule. The evaluation passes the
+    real labeled count for every arm, so an arm with synthetic tiles gets the same steps as the
+    real one, not more. ``init``: start from a copy of this model's weights (a second phase of
+    training) instead of random ones. Val is scored every ``cfg.val_every`` epochs and after the
+    last (scoring the 1,288 val tiles of crc5 every epoch costs ~40 % of a run); training stops
+    once ``cfg.patience`` scored epochs in a row bring no better val macro-F1."""
     if len(train_x) < 2:
         raise ValueError(f"a tile classifier needs at least 2 training tiles (BatchNorm), got {len(train_x)}")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = build_tile_classifier(cfg.arch, num_classes, train_x.shape[1])
+    model = copy.deepcopy(init) if init is not None else build_tile_classifier(cfg.arch, num_classes, train_x.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    x_all, y_all = to_tensor(train_x), torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    x_all, y_all = to_tensor(train_x), torch.from_numpy(np.array(train_y, dtype=np.int64))  # a copy: Ray hands out read-only arrays
     batch, steps_per_epoch = step_budget(cfg, budget_tiles or len(x_all))
     # One-cycle LR over the whole budget (warm-up, then cosine annealing to ~0): with a few hundred
     # labels a constant LR leaves the val score noisy from epoch to epoch.
@@ -133,6 +146,8 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
+        if epoch % cfg.val_every and epoch < cfg.epochs:
+            continue
         probs, _ = predict(model, val_x)
         pred = probs.argmax(1)
         row = {"epoch": epoch, "step": epoch * steps_per_epoch, "loss": float(np.mean(losses)),

@@ -5,13 +5,26 @@
 
 Arms, each trained for ``evaluate.seeds`` seeds with the same downstream model and the same
 budget of optimizer steps (``downstream.epochs`` passes over the *real* labeled tiles: an arm with
-synthetic tiles gets no more steps than the real one):
+more tiles gets no more steps than the real one):
 
 * ``real``: the real labeled train tiles with rotations and flips only (tissue has no orientation);
-* ``real+aug``: the same plus colour augmentation: HED stain jitter and brightness / contrast /
-  saturation jitter;
-* ``real+aug+syn:NAME``: real+aug plus the kept synthetic tiles of a generate output,
-  ``evaluate.synthetic_ratio`` × the real count, per class in proportion to the real tiles.
+* ``real+aug``: the same plus HED stain jitter (and colour jitter where configured);
+* ``pseudo-label``: self-training, the cheapest other use of the unlabeled target tiles: a
+  real+aug *teacher* labels the train tiles that have no label at this fraction (the tiles the
+  generator's judge pseudo-labels too), keeps those it gives ≥ ``evaluate.pseudo_label_threshold``,
+  and a real+aug *student* trains on labeled + pseudo-labeled tiles (the teacher's steps are extra
+  compute, reported beside);
+* per synthetic set NAME (``evaluate.synthetic_uses``): ``real+aug+syn:NAME`` mixes its kept tiles
+  into real+aug, ``evaluate.synthetic_ratio`` × the real count per class in proportion to the real
+  tiles; ``syn-first:NAME`` trains on those synthetic tiles for the first half of the budget, then on
+  the real ones (real+aug) for the second half.
+
+``evaluate.label_fractions`` repeats every arm on nested subsets of the train labels (the
+label-efficiency curve): at fraction f each class keeps ceil(f × its train groups) of its labeled
+groups, the first in ingest's own seeded label order, so the 1 % tiles lie inside the 5 % and all
+inside the tile set's own labels (a tile set ingested at ``data.label_fraction=1.0`` gives every
+fraction). A synthetic set is evaluated at the one fraction whose labels its generator used: those
+of the tile set it was generated from (its ``plan.json``), checked tile by tile against the subset.
 
 Every model is scored on the tile set's test split and on each external test set (``--test
 NAME=DIR``: class folders named like the training classes, read through ingest's checks and µm/px
@@ -32,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import time
 
 import numpy as np
@@ -133,11 +147,16 @@ def load_test_set(cfg: Config, name: str, uri: str, classes: list[str], mpp: flo
     return decode_images(tiles), y, summary
 
 
-def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tuple, tests: dict, colour_augment: bool,
+def _train_and_test(cfg_dict: dict, arm: str, use: str, seed: int, train: tuple, extra, val: tuple, tests: dict,
                     budget_tiles: int, classes: list[str]) -> dict:
-    """One (arm, seed): train with early stopping on val, then read each test set once. ``train``,
-    ``val`` and each of ``tests`` (name → ...) are (uint8 tiles, labels); ``tests["test"]`` is the
-    tile set's own test split. Ray resolves them from the object store."""
+    """One (arm, seed): train, choosing the epoch on val, then read each test set once. ``use`` is
+    how the arm trains: ``real`` (rotations and flips only), ``aug`` (+ stain jitter),
+    ``pseudo-label`` (``extra``: the unlabeled tiles) or ``first`` (``extra``: synthetic (tiles,
+    labels), trained on before the real ones). ``train``, ``val`` and each of ``tests`` (name → ...)
+    are (uint8 tiles, labels); ``tests["test"]`` is the tile set's own test split. Ray resolves them
+    from the object store."""
+    import dataclasses
+
     import torch
 
     from histodiff_ray.config import config_from_dict
@@ -147,23 +166,103 @@ def _train_and_test(cfg_dict: dict, arm: str, seed: int, train: tuple, val: tupl
     torch.set_num_threads(1)
     (train_x, train_y), (val_x, val_y) = train, val
     cfg = config_from_dict(cfg_dict)
-    k = len(classes)
+    k, d = len(classes), cfg.downstream
     started, started_cpu = time.perf_counter(), time.process_time()
-    model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, k, seed=seed,
-                                           colour_augment=colour_augment, budget_tiles=budget_tiles)
+
+    def fit(x, y, downstream=d, init=None):
+        return train_tile_classifier(x, y, val_x, val_y, downstream, k, seed=seed, colour_augment=use != "real",
+                                     budget_tiles=budget_tiles, init=init)
+
+    info = {}
+    if use == "pseudo-label":
+        teacher, teacher_history = fit(train_x, train_y)
+        probs, _ = predict(teacher, extra)
+        sure = probs.max(1) >= cfg.evaluate.pseudo_label_threshold
+        guessed = probs.argmax(1)[sure]
+        info = {"teacher_steps": teacher_history[-1]["step"], "unlabeled_tiles": int(len(extra)),
+                "pseudo_labeled": {c: int((guessed == i).sum()) for i, c in enumerate(classes)}}
+        model, history = fit(np.concatenate([train_x, extra[sure]]), np.concatenate([train_y, guessed]))
+    elif use == "first":
+        # Half the budget on synthetic tiles, then, from that phase's best epoch on val, a fresh
+        # one-cycle over the other half on the real ones (evaluate checks downstream.epochs >= 2).
+        synthetic_epochs = d.epochs // 2
+        first, first_history = fit(*extra, downstream=dataclasses.replace(d, epochs=synthetic_epochs))
+        model, history = fit(train_x, train_y, downstream=dataclasses.replace(d, epochs=d.epochs - synthetic_epochs), init=first)
+        last = first_history[-1]
+        history = ([{**r, "phase": "synthetic"} for r in first_history]
+                   + [{**r, "phase": "real", "epoch": r["epoch"] + last["epoch"], "step": r["step"] + last["step"]} for r in history])
+    else:
+        model, history = fit(train_x, train_y)
     # Wall time depends on what else the machine runs; this process's CPU time (one torch thread,
     # val scoring included) much less so.
     train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
-    best = max(history, key=lambda r: r["val_macro_f1"])
+    chosen = max((r for r in history if "val_macro_f1" in r and r.get("phase", "real") == "real"), key=lambda r: r["val_macro_f1"])
     reports = {}
     for name, (test_x, test_y) in tests.items():
-        probs, _ = predict(model, test_x)
+        probs, _ = predict(model, test_x, tta=d.tta)
         reports[name] = classification_report(test_y, probs.argmax(1), k, class_names=classes)
-    _, steps_per_epoch = step_budget(cfg.downstream, budget_tiles)
-    return {"arm": arm, "seed": seed, "best_epoch": best["epoch"], "val_macro_f1": best["val_macro_f1"],
-            "train_tiles": int(len(train_y)), "steps": cfg.downstream.epochs * steps_per_epoch, "steps_run": history[-1]["step"],
-            "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "history": history,
+    _, steps_per_epoch = step_budget(d, budget_tiles)
+    return {"arm": arm, "use": use, "seed": seed, "best_epoch": chosen["epoch"], "val_macro_f1": chosen["val_macro_f1"],
+            "train_tiles": int(len(train_y)), "steps": d.epochs * steps_per_epoch, "steps_run": history[-1]["step"],
+            "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "history": history, **info,
             "test": reports.pop("test"), "external": reports}
+
+
+def label_subsets(manifest: dict, fractions: list[float], labeled: np.ndarray, labels: np.ndarray, groups: list[str],
+                  where: str) -> dict[float, np.ndarray]:
+    """fraction → mask over the train tiles whose labels may be used at that fraction (nested; see
+    the module docstring). ``labeled``, ``labels`` and ``groups`` are the train tiles' columns."""
+    from histodiff_ray.data.ingest import labeled_at_fraction
+
+    own = manifest["label_fraction"]
+    beyond = [f for f in fractions if f > own]
+    if beyond:
+        raise HistodiffError(f"evaluate.label_fractions {beyond}: {where} was ingested with data.label_fraction={own}, so no more "
+                             f"of its train labels may be used; ingest the same inputs with data.label_fraction=1.0 into a new "
+                             f"--output for a label-efficiency curve")
+    train_groups = {g: int(y) for g, y in zip(groups, labels)}
+    labeled_groups = {g for g, mark in zip(groups, labeled) if mark}
+    subsets = {}
+    for f in fractions:
+        keep = labeled_at_fraction(train_groups, labeled_groups, f, manifest["split_seed"]) if f < own else labeled_groups
+        subsets[f] = labeled & np.fromiter((g in keep for g in groups), bool, len(groups))
+    return subsets
+
+
+def synthetic_fraction(cfg: Config, name: str, uri: str, tiles_uri: str, own_fraction: float, train_ids: np.ndarray,
+                       subsets: dict[float, np.ndarray]) -> float:
+    """The label fraction a synthetic set belongs to: that of the tile set it was generated from
+    (``generate --tiles``, which its judge must have trained on), which must be one of ``subsets``
+    with the very same labeled train tiles. (The guide's latents are not traced back here.)"""
+    from histodiff_ray.judge import read_judge_config
+
+    try:
+        plan = json.loads(read_bytes(open_location(uri, cfg.storage).join("plan.json")))
+    except FileNotFoundError:
+        raise HistodiffError(f"--synthetic {name}={uri} holds no synthetic set (plan.json is missing); run `histodiff generate` first") from None
+    source = plan["sources"]["tiles"]
+    try:
+        judge_tiles = read_judge_config(plan["sources"]["judge"], cfg.storage).get("judge", {}).get("tiles")
+    except HistodiffError:  # the judge was moved or deleted since: nothing to check against
+        judge_tiles = None
+    if judge_tiles not in (None, source):
+        raise HistodiffError(f"--synthetic {name}={uri}: its judge ({plan['sources']['judge']}) was trained on {judge_tiles}, its "
+                             f"generate run read {source}; train the judge on the tile set the set is generated from")
+    if source == tiles_uri:
+        fraction, ids = own_fraction, None
+    else:
+        source_loc = open_location(source, cfg.storage)
+        fraction = require_manifest(source_loc)["label_fraction"]
+        ids = set(load_tile_table(source_loc, "train", labeled_only=True, columns=["tile_id"]).column("tile_id").to_pylist())
+    match = [f for f in subsets if math.isclose(f, fraction)]
+    if not match:
+        raise HistodiffError(f"--synthetic {name}={uri} was generated from {source}, labeled at data.label_fraction={fraction}: "
+                             f"add {fraction} to evaluate.label_fractions (now {sorted(subsets)})")
+    if ids is not None and ids != set(train_ids[subsets[match[0]]].tolist()):
+        raise HistodiffError(f"--synthetic {name}={uri}: the labeled train tiles of {source}, which its generator used, are not "
+                             f"this tile set's at fraction {fraction}; generate from tiles ingested from the same inputs with the same "
+                             f"data.split_seed, val_fraction and test_fraction")
+    return match[0]
 
 
 def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] | None = None, judge: str | None = None,
@@ -183,14 +282,23 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
     tiles_loc, out = open_location(tiles, cfg.storage), open_location(output, cfg.storage)
     manifest = require_manifest(tiles_loc)
     classes = manifest["classes"]
+    train = load_tile_table(tiles_loc, "train", columns=["tile_id", "image", "label", "labeled", "dup_group"])
     splits = {}
-    for split, labeled_only in (("train", True), ("val", False), ("test", False)):
-        table = load_tile_table(tiles_loc, split, labeled_only=labeled_only)
-        splits[split] = (decode_images(table.column("image")), table.column("label").to_numpy().astype(np.int64))
+    for split in ("val", "test"):
+        table = load_tile_table(tiles_loc, split)
         if table.num_rows == 0:
-            raise HistodiffError(f"evaluate: {tiles} has no {'labeled ' if labeled_only else ''}{split} tiles")
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits["train"], splits["val"], splits["test"]
-    real_counts = np.bincount(train_y, minlength=len(classes))
+            raise HistodiffError(f"evaluate: {tiles} has no {split} tiles")
+        splits[split] = (decode_images(table.column("image")), table.column("label").to_numpy().astype(np.int64))
+    (val_x, val_y), (test_x, test_y) = splits["val"], splits["test"]
+    train_y, labeled = train.column("label").to_numpy().astype(np.int64), train.column("labeled").to_numpy(zero_copy_only=False)
+    fractions = sorted(e.label_fractions) or [manifest["label_fraction"]]
+    subsets = label_subsets(manifest, fractions, labeled, train_y, train.column("dup_group").to_pylist(), tiles)
+    empty = [f for f, mask in subsets.items() if mask.sum() < 2]
+    if empty:
+        raise HistodiffError(f"evaluate: {tiles} has fewer than 2 labeled train tiles at label fraction(s) {empty}; "
+                             f"raise or drop them in evaluate.label_fractions")
+    train_x = decode_images(train.column("image"))
+    train_ids = np.asarray(train.column("tile_id").to_pylist(), dtype=object)
     test_sets, external = {"test": (test_x, test_y)}, {}
     if tests:
         own_ids = set(pa.concat_tables([load_tile_table(tiles_loc, split, columns=["tile_id"]) for split in ("train", "val", "test")])
@@ -198,49 +306,78 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
     for name, uri in (tests or {}).items():
         x, y, external[name] = load_test_set(cfg, name, uri, classes, (test_mpp or {}).get(name), own_ids)
         test_sets[name] = (x, y)
-    # arm → (tiles, labels, colour augmentation, the synthetic set's identity)
-    arms = {"real": (train_x, train_y, False, None), "real+aug": (train_x, train_y, True, None)}
+
+    # (fraction, arm) → (how it trains, real tiles, labels, extra data, the synthetic set's identity)
+    arms = {}
+    for f, mask in subsets.items():
+        x, y = train_x[mask], train_y[mask]
+        for arm in e.arms:
+            use = {"real": "real", "real+aug": "aug"}.get(arm, arm)
+            if arm == "pseudo-label" and mask.all():
+                print(f"[evaluate] label fraction {f}: no unlabeled train tiles, so no pseudo-label arm", flush=True)
+                continue
+            arms[(f, arm)] = (use, x, y, train_x[~mask] if arm == "pseudo-label" else None, None)
     synthetic_sets = {}
     for name, uri in (synthetic or {}).items():
-        syn_x, syn_y = load_synthetic(cfg, uri, real_counts, e.synthetic_ratio)
+        f = synthetic_fraction(cfg, name, uri, tiles_loc.uri, manifest["label_fraction"], train_ids, subsets)
+        x, y = train_x[subsets[f]], train_y[subsets[f]]
+        syn_x, syn_y = load_synthetic(cfg, uri, np.bincount(y, minlength=len(classes)), e.synthetic_ratio)
         synthetic_sets[name] = (syn_x, syn_y)
-        index_digest = _digest(read_bytes(open_location(uri, cfg.storage).join("index.parquet")))  # a re-selection changes it
-        arms[f"real+aug+syn:{name}"] = (np.concatenate([train_x, syn_x]), np.concatenate([train_y, syn_y]), True, (uri, index_digest))
+        identity = (uri, _digest(read_bytes(open_location(uri, cfg.storage).join("index.parquet"))))  # a re-selection changes it
+        if "mix" in e.synthetic_uses:
+            arms[(f, f"real+aug+syn:{name}")] = ("aug", np.concatenate([x, syn_x]), np.concatenate([y, syn_y]), None, identity)
+        if "first" in e.synthetic_uses and (len(syn_y) < 2 or cfg.downstream.epochs < 2):
+            print(f"[evaluate] {name}: no syn-first arm (it needs 2 kept synthetic tiles and downstream.epochs >= 2 to split "
+                  f"the budget; has {len(syn_y)} and {cfg.downstream.epochs})", flush=True)
+        elif "first" in e.synthetic_uses:
+            arms[(f, f"syn-first:{name}")] = ("first", x, y, (syn_x, syn_y), identity)
 
+    if not arms:
+        raise HistodiffError("evaluate: no arms to train; list some in evaluate.arms (e.g. [real, real+aug]) or give --synthetic "
+                             "with evaluate.synthetic_uses")
     # Each finished (arm, seed) is stored under a key of everything it depends on, so a rerun after
     # a kill trains only the missing ones.
     todo, runs = {}, []
     tiles_digest = _digest(json.dumps(manifest, sort_keys=True).encode())
-    for arm in arms:
+    for (f, arm), (use, *_, identity) in arms.items():
         for seed in range(e.seeds):
-            key = _digest(json.dumps({"tiles": tiles_digest, "arm": arm, "synthetic": arms[arm][3], "seed": seed,
+            key = _digest(json.dumps({"tiles": tiles_digest, "fraction": f, "arm": arm, "synthetic": identity, "seed": seed,
                                       "ratio": e.synthetic_ratio, "downstream": cfg.to_dict()["downstream"],
+                                      "pseudo": e.pseudo_label_threshold if use == "pseudo-label" else None,
                                       "external": {n: t["digest"] for n, t in external.items()}}, sort_keys=True).encode())
             stored = out.join("runs", f"{key}.json")
             if exists(stored):
                 runs.append(json.loads(read_bytes(stored)))
             else:
-                todo[(arm, seed)] = stored
+                todo[(f, arm, seed)] = stored
     if runs:
         print(f"[evaluate] {len(runs)} of {len(runs) + len(todo)} runs finished before: reused", flush=True)
     if todo:
         init_ray(cfg)
         task = ray.remote(num_cpus=e.cpus_per_run)(_train_and_test)
         val_ref, tests_ref = ray.put((val_x, val_y)), ray.put(test_sets)
-        refs = {}
-        for arm, (x, y, colour, _) in arms.items():
-            data = ray.put((x, y))
+        refs, real_refs, unlabeled_refs = {}, {}, {}
+        for (f, arm), (use, x, y, extra, identity) in arms.items():
+            if identity is None or use == "first":  # these train on the fraction's real tiles: one copy
+                data = real_refs.setdefault(f, ray.put((x, y)))
+            else:
+                data = ray.put((x, y))
+            extra_ref = unlabeled_refs.setdefault(f, ray.put(extra)) if use == "pseudo-label" else ray.put(extra)
+            budget = int(subsets[f].sum())
             for seed in range(e.seeds):
-                if (arm, seed) in todo:
-                    refs[task.remote(cfg.to_dict(), arm, seed, data, val_ref, tests_ref, colour, len(train_y), classes)] = todo[(arm, seed)]
+                if (f, arm, seed) in todo:
+                    ref = task.options(name=f"evaluate {arm} @ {f:g} seed {seed}").remote(
+                        cfg.to_dict(), arm, use, seed, data, extra_ref, val_ref, tests_ref, budget, classes)
+                    refs[ref] = (todo[(f, arm, seed)], {"label_fraction": f, "labeled_tiles": budget})
         runs += _gather(refs)
-    runs.sort(key=lambda r: (r["arm"], r["seed"]))
+    runs.sort(key=lambda r: (r["label_fraction"], r["arm"], r["seed"]))
 
     table = {}
-    for arm in arms:
-        mine = [r for r in runs if r["arm"] == arm]
+    for f, arm in arms:
+        mine = [r for r in runs if r["arm"] == arm and math.isclose(r["label_fraction"], f)]
         confusion = np.sum([r["test"]["confusion"] for r in mine], axis=0).tolist()
-        table[arm] = {
+        row = {
+            "arm": arm, "label_fraction": f, "labeled_tiles": mine[0]["labeled_tiles"],
             "train_tiles": mine[0]["train_tiles"], "steps": mine[0]["steps"],
             **{m: _unit_ci([r["test"][m] for r in mine]) for m in ("accuracy", "balanced_accuracy", "macro_f1")},
             "external": {name: {m: _unit_ci([r["external"][name][m] for r in mine]) for m in ("accuracy", "balanced_accuracy", "macro_f1")}
@@ -251,10 +388,14 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
                                  for c in mine[0]["test"]["per_class_recall"]},
             "confusion": confusion,
         }
+        if "teacher_steps" in mine[0]:
+            row["teacher_steps"] = mine[0]["teacher_steps"]
+            row["pseudo_labeled"] = float(np.mean([sum(r["pseudo_labeled"].values()) for r in mine]))
+        table[arm if len(subsets) == 1 else f"{arm}@{f:g}"] = row
     result = {"tiles": tiles_loc.uri, "classes": classes, "seeds": e.seeds, "synthetic": synthetic or {},
-              "synthetic_ratio": e.synthetic_ratio, "downstream": cfg.to_dict()["downstream"], "arms": table,
-              "runs": runs, "external_tests": external,
-              "test_tiles": int(len(test_y)), "val_tiles": int(len(val_y)), "real_train_tiles": int(len(train_y))}
+              "synthetic_ratio": e.synthetic_ratio, "label_fractions": fractions, "downstream": cfg.to_dict()["downstream"],
+              "arms": table, "runs": runs, "external_tests": external,
+              "test_tiles": int(len(test_y)), "val_tiles": int(len(val_y)), "real_train_tiles": int(subsets[max(subsets)].sum())}
     if judge and synthetic_sets:
         result["generation"] = generation_metrics(cfg, judge, synthetic_sets, val_x, val_y, classes)
     write_atomic(out.join("evaluation.json"), json.dumps(result, indent=1, sort_keys=True, default=_jsonable).encode())
@@ -279,7 +420,7 @@ def _digest(data: bytes) -> str:
 
 def _gather(refs: dict) -> list[dict]:
     """Results of the task refs as they finish, each stored at once at its location (``refs`` maps
-    ref → location)."""
+    ref → (location, fields to add to the result))."""
     import ray
     from tqdm import tqdm
 
@@ -287,8 +428,9 @@ def _gather(refs: dict) -> list[dict]:
     with tqdm(total=len(refs), desc="evaluate", unit="run") as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            result = ray.get(done[0])
-            write_atomic(refs[done[0]], json.dumps(result, sort_keys=True, default=_jsonable).encode())
+            location, fields = refs[done[0]]
+            result = {**ray.get(done[0]), **fields}
+            write_atomic(location, json.dumps(result, sort_keys=True, default=_jsonable).encode())
             results.append(result)
             bar.update(1)
     return results
@@ -339,16 +481,19 @@ def _fmt(ci: dict) -> str:
 
 def results_table(result: dict) -> str:
     """The accuracy table as Markdown: mean ± sd [95% CI] over seeds, on the test split and on each
-    external test set."""
+    external test set; one row per (label fraction, arm)."""
     external = list(result.get("external_tests", {}))
-    lines = [f"Test split: {result['test_tiles']} tiles; {result['seeds']} seeds per arm; real labeled train tiles: "
-             f"{result['real_train_tiles']}; synthetic ratio {result['synthetic_ratio']}."]
+    lines = [f"Test split: {result['test_tiles']} tiles; {result['seeds']} seeds per arm; synthetic ratio {result['synthetic_ratio']}. "
+             "Steps: the optimizer steps of the scored model (every arm at one label fraction gets the same); "
+             "a pseudo-label student's teacher trained the steps in brackets before it."]
     lines += [f"External test set {name}: {t['tiles']} tiles from {t['uri']}." for name, t in result.get("external_tests", {}).items()]
-    lines += ["", "| arm | train tiles | steps | accuracy | balanced accuracy | macro-F1 | val macro-F1 |"
+    lines += ["", "| labels | arm | train tiles | steps | accuracy | balanced accuracy | macro-F1 | val macro-F1 |"
               + "".join(f" {name} accuracy |" for name in external),
-              "|---|---|---|---|---|---|---|" + "---|" * len(external)]
-    for arm, row in result["arms"].items():
-        lines.append(f"| {arm} | {row['train_tiles']} | {row['steps']} | {_fmt(row['accuracy'])} | {_fmt(row['balanced_accuracy'])} | "
-                     f"{_fmt(row['macro_f1'])} | {_fmt(row['val_macro_f1'])} |"
+              "|---|---|---|---|---|---|---|---|" + "---|" * len(external)]
+    for row in result["arms"].values():
+        steps = f"{row['steps']}" + (f" (+{row['teacher_steps']})" if "teacher_steps" in row else "")
+        tiles = f"{row['train_tiles']}" + (f" + {row['pseudo_labeled']:.0f} pseudo" if "pseudo_labeled" in row else "")
+        lines.append(f"| {row['label_fraction']:g} ({row['labeled_tiles']}) | {row['arm']} | {tiles} | {steps} | "
+                     f"{_fmt(row['accuracy'])} | {_fmt(row['balanced_accuracy'])} | {_fmt(row['macro_f1'])} | {_fmt(row['val_macro_f1'])} |"
                      + "".join(f" {_fmt(row['external'][name]['accuracy'])} |" for name in external))
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -150,8 +151,8 @@ def _evaluation_html(result: dict, put) -> str:
     classes = result["classes"]
     external = result.get("external_tests", {})
     rows = "".join(
-        f"<tr><td>{html.escape(arm)}</td><td>{r['train_tiles']}</td><td>{r.get('steps', '-')}</td><td>{_ci(r['accuracy'])}</td>"
-        f"<td>{_ci(r['balanced_accuracy'])}</td><td>{_ci(r['macro_f1'])}</td><td>{_ci(r['val_macro_f1'])}</td>"
+        f"<tr><td>{_labels(r)}</td><td>{html.escape(r.get('arm', arm))}</td><td>{_train_tiles(r)}</td><td>{_steps(r)}</td>"
+        f"<td>{_ci(r['accuracy'])}</td><td>{_ci(r['balanced_accuracy'])}</td><td>{_ci(r['macro_f1'])}</td><td>{_ci(r['val_macro_f1'])}</td>"
         + "".join(f"<td>{_ci(r['external'][name]['accuracy'])}</td>" for name in external) + "</tr>"
         for arm, r in result["arms"].items())
     sets = ""
@@ -160,16 +161,24 @@ def _evaluation_html(result: dict, put) -> str:
         sets += f" External test set <b>{html.escape(name)}</b>: {t['tiles']} tiles from {html.escape(t['uri'])}{quarantined}."
     parts = ["<h2>Downstream accuracy (test split and external test sets)</h2>",
              f"<p class='note'>{result['seeds']} seeds per arm; mean ± sd and a 95% t-interval over seeds. "
-             f"Test tiles: {result['test_tiles']}; real labeled train tiles: {result['real_train_tiles']}. "
-             + ("Every arm trains for the same number of optimizer steps (a budget set by the real labeled tiles). "
+             f"Test tiles: {result['test_tiles']}. "
+             + ("At each label fraction every arm trains for the same number of optimizer steps (a budget set by its real "
+                "labeled tiles); a pseudo-label student's teacher trained the steps in brackets before it. "
                 if "external_tests" in result else "")
              + "Epochs were chosen on val macro-F1; each model read the test split"
              f"{' and each external test set' if external else ''} once, after training.{sets}</p>",
-             "<table><tr><th>arm</th><th>train tiles</th><th>steps</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th>"
+             "<table><tr><th>labels (tiles)</th><th>arm</th><th>train tiles</th><th>steps</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th>"
              "<th>val macro-F1</th>" + "".join(f"<th>{html.escape(name)} accuracy</th>" for name in external) + f"</tr>{rows}</table>"]
+    if len(result.get("label_fractions", [])) > 1:
+        parts.append(_figure(put("label_efficiency.png", _label_efficiency_png(result)),
+                             "test accuracy against the number of labeled train tiles: mean and 95% t-interval over seeds"))
     arms = list(result["arms"])
-    fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 3))
-    for ax, arm in zip(np.atleast_1d(axes), arms):
+    columns = min(len(arms), 5)
+    fig, axes = plt.subplots(math.ceil(len(arms) / columns), columns, figsize=(3.2 * columns, 3 * math.ceil(len(arms) / columns)),
+                             squeeze=False)
+    for ax in axes.flat[len(arms):]:
+        ax.axis("off")
+    for ax, arm in zip(axes.flat, arms):
         m = np.array(result["arms"][arm]["confusion"], dtype=float)
         norm = m / np.maximum(m.sum(1, keepdims=True), 1)
         ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
@@ -180,7 +189,9 @@ def _evaluation_html(result: dict, put) -> str:
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_title(arm, fontsize=8)
         ax.set_xlabel("predicted", fontsize=7)
-    np.atleast_1d(axes)[0].set_ylabel("true", fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("true", fontsize=7)
+    fig.tight_layout()
     parts.append(_figure(put("confusion.png", _png(fig)), "confusion matrices on the test split, summed over seeds (row-normalised colour)"))
     recall_rows = "".join(f"<tr><td>{html.escape(arm)}</td>" + "".join(
         f"<td>{v:.3f}</td>" if v == v else "<td>-</td>" for v in r["per_class_recall"].values()) + "</tr>"
@@ -199,6 +210,38 @@ def _evaluation_html(result: dict, put) -> str:
                                  f"<td>{v[k]:.3f}</td>" if k in v else "<td>-</td>" for k in ("fid", "kid", "precision", "recall"))
                              + f"<td>{v['n_real']}</td><td>{v['n_synthetic']}</td></tr>" for c, v in per.items()) + "</table>")
     return "".join(parts)
+
+
+def _labels(row: dict) -> str:
+    return f"{row['label_fraction']:g} ({row['labeled_tiles']})" if "label_fraction" in row else "-"  # older evaluations: one fraction
+
+
+def _train_tiles(row: dict) -> str:
+    return f"{row['train_tiles']}" + (f" + {row['pseudo_labeled']:.0f} pseudo-labeled" if "pseudo_labeled" in row else "")
+
+
+def _steps(row: dict) -> str:
+    return f"{row.get('steps', '-')}" + (f" (+{row['teacher_steps']} teacher)" if "teacher_steps" in row else "")
+
+
+def _label_efficiency_png(result: dict) -> bytes:
+    """Accuracy against labeled tiles, one line per arm, with the seeds' 95% t-intervals."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for arm in dict.fromkeys(r["arm"] for r in result["arms"].values()):
+        rows = sorted((r for r in result["arms"].values() if r["arm"] == arm), key=lambda r: r["labeled_tiles"])
+        mean = np.array([r["accuracy"]["mean"] for r in rows])
+        low = np.array([r["accuracy"]["ci_low"] if r["accuracy"]["ci_low"] is not None else r["accuracy"]["mean"] for r in rows])
+        high = np.array([r["accuracy"]["ci_high"] if r["accuracy"]["ci_high"] is not None else r["accuracy"]["mean"] for r in rows])
+        ax.errorbar([r["labeled_tiles"] for r in rows], mean, yerr=[mean - low, high - mean], marker="o", ms=4, capsize=3, label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel("labeled train tiles (label fraction)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
 
 
 def _fidelity_html(result: dict) -> str:

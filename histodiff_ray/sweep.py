@@ -63,7 +63,8 @@ def trial(params: dict, storage: dict) -> None:
     syn_x, syn_y = load_synthetic(cfg, syn_uri, np.bincount(train_y, minlength=k), cfg.evaluate.synthetic_ratio,
                                   selection=cfg.selection)
     x, y = np.concatenate([train_x, syn_x]), np.concatenate([train_y, syn_y])
-    cfg.downstream.epochs, cfg.downstream.patience = cfg.sweep.epochs, cfg.sweep.epochs  # ASHA decides when to stop
+    # ASHA decides when to stop, from a val score after every epoch.
+    cfg.downstream.epochs, cfg.downstream.patience, cfg.downstream.val_every = cfg.sweep.epochs, cfg.sweep.epochs, 1
     # The step budget is the real tiles' (as in evaluate): a trial with more synthetic tiles gets no more steps.
     train_tile_classifier(x, y, val_x, val_y, cfg.downstream, k, seed=cfg.seed, budget_tiles=len(train_y),
                           log=lambda row: ray.tune.report({"val_macro_f1": row["val_macro_f1"], "val_acc": row["val_acc"],

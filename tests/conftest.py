@@ -208,14 +208,17 @@ def external_test_set(tmp_path_factory, shared_data) -> Path:
     return root
 
 
+EVALUATE = ["evaluate.seeds=2", "evaluate.cpus_per_run=0.5", "evaluate.label_fractions=0.5,1.0", "evaluate.pseudo_label_threshold=0.5"]
+
+
 @pytest.fixture(scope="session")
 def tiny_evaluation(tiny_models, tiny_synthetic, external_test_set):
-    """`evaluate` on the tiny tile set with the tiny synthetic set: 3 arms × 2 seeds, scored on the
-    test split and an external test set."""
+    """`evaluate` on the tiny tile set (all train labels usable) at label fractions 0.5 and 1 with the
+    tiny synthetic set: 7 arms × 2 seeds, scored on the test split and an external test set."""
     from histodiff_ray.config import load_config
     from histodiff_ray.evaluate import evaluate
 
-    cfg = load_config("cpu", tiny_models["overrides"] + ["evaluate.seeds=2", "evaluate.cpus_per_run=0.5"])
+    cfg = load_config("cpu", tiny_models["overrides"] + EVALUATE)
     out = f"{tiny_models['root']}/eval"
     result = evaluate(cfg, tiny_models["args"]["tiles"], out, synthetic={"tiny": tiny_synthetic}, judge=tiny_models["args"]["judge"],
                       tests={"heldout": str(external_test_set)})

@@ -78,3 +78,38 @@ def test_a_small_vit_is_selectable_at_the_tile_size(tmp_path):
     save_tile_classifier(model, cfg.arch, ["H", "E"], 32, str(tmp_path / "vit"))
     loaded, _ = load_tile_classifier(str(tmp_path / "vit"))
     np.testing.assert_allclose(predict(loaded, x)[0], predict(model, x)[0], atol=1e-5)
+
+
+def test_val_is_scored_every_val_every_epochs_and_after_the_last():
+    x, y = _two_stains(32, 5)
+    cfg = DownstreamConfig(arch="resnet18", epochs=5, val_every=2, patience=5, batch_size=16, lr=1e-3, weight_decay=0.0)
+    model, history = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=0)
+    assert [h["epoch"] for h in history] == [2, 4, 5] and [h["step"] for h in history] == [4, 8, 10]
+
+
+def test_training_can_start_from_another_model_without_changing_it():
+    x, y = _two_stains(32, 6)
+    cfg = DownstreamConfig(arch="resnet18", epochs=1, patience=1, batch_size=16, lr=1e-3, weight_decay=0.0)
+    first, _ = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=0)
+    before = {k: v.clone() for k, v in first.state_dict().items()}
+    second, _ = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=1, init=first)
+    fresh, _ = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=1)
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in before.items())  # the starting model is copied, not trained
+    weight = "conv1.weight"
+    # The second phase moved on from the first model's weights, not from a fresh initialisation.
+    assert (second.state_dict()[weight] - before[weight]).abs().mean() < (fresh.state_dict()[weight] - before[weight]).abs().mean()
+
+
+def test_tta_averages_the_eight_rotations_and_flips():
+    from histodiff_ray.augment import dihedral
+
+    x, y = _two_stains(6, 7)
+    cfg = DownstreamConfig(arch="resnet18", epochs=1, patience=1, batch_size=6, lr=1e-3, weight_decay=0.0)
+    model, _ = train_tile_classifier(x, y, x, y, cfg, num_classes=2, seed=0)
+    probs, features = predict(model, x, tta=True)
+    views = [predict(model, dihedral(torch.from_numpy(x).permute(0, 3, 1, 2), k).permute(0, 2, 3, 1).numpy()) for k in range(8)]
+    np.testing.assert_allclose(probs, np.mean([v[0] for v in views], axis=0), atol=1e-5)
+    np.testing.assert_allclose(features, np.mean([v[1] for v in views], axis=0), atol=1e-4)
+    # A turned tile gets the same TTA score as the tile itself.
+    turned = np.ascontiguousarray(np.rot90(x, 1, axes=(1, 2)))
+    np.testing.assert_allclose(predict(model, turned, tta=True)[0], probs, atol=1e-5)

@@ -219,10 +219,29 @@ def label_groups(new_train: dict[str, str], stored: dict[str, list[bool]], cfg: 
         by_class.setdefault(cls, []).append(g)
     keep = set()
     for cls, members in by_class.items():
-        members.sort(key=lambda g: _rank(cfg.data.split_seed, "label", g))
+        members.sort(key=lambda g: _label_rank(cfg.data.split_seed, g))
         before = stored.get(cls, [])
         n_keep = max(0, math.ceil((len(before) + len(members)) * cfg.data.label_fraction) - sum(before))
         keep.update(members[:n_keep])
+    return keep
+
+
+def _label_rank(split_seed: int, group: str) -> str:
+    return _rank(split_seed, "label", group)
+
+
+def labeled_at_fraction(train_groups: dict[str, str], labeled: set[str], fraction: float, split_seed: int) -> set[str]:
+    """A nested subset of a tile set's labels: of the train duplicate groups (group → class), per
+    class the first ceil(groups × ``fraction``) of its ``labeled`` groups in the seeded order ingest
+    labels by. The subset at a smaller fraction lies inside the one at a larger fraction, and all
+    inside the tile set's own labels."""
+    by_class: dict[str, list[str]] = {}
+    for g, cls in train_groups.items():
+        by_class.setdefault(cls, []).append(g)
+    keep = set()
+    for members in by_class.values():
+        ranked = sorted((g for g in members if g in labeled), key=lambda g: _label_rank(split_seed, g))
+        keep.update(ranked[:math.ceil(len(members) * fraction)])
     return keep
 
 
