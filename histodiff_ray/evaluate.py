@@ -356,13 +356,16 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
         init_ray(cfg)
         task = ray.remote(num_cpus=e.cpus_per_run)(_train_and_test)
         val_ref, tests_ref = ray.put((val_x, val_y)), ray.put(test_sets)
-        refs, real_refs, unlabeled_refs = {}, {}, {}
+        refs, real_refs = {}, {}
         for (f, arm), (use, x, y, extra, identity) in arms.items():
-            if identity is None or use == "first":  # these train on the fraction's real tiles: one copy
-                data = real_refs.setdefault(f, ray.put((x, y)))
-            else:
+            # The arms that train on the fraction's real tiles share one copy in the object store.
+            if not (identity is None or use == "first"):
                 data = ray.put((x, y))
-            extra_ref = unlabeled_refs.setdefault(f, ray.put(extra)) if use == "pseudo-label" else ray.put(extra)
+            elif f in real_refs:
+                data = real_refs[f]
+            else:
+                data = real_refs[f] = ray.put((x, y))
+            extra_ref = ray.put(extra)
             budget = int(subsets[f].sum())
             for seed in range(e.seeds):
                 if (f, arm, seed) in todo:
