@@ -50,7 +50,8 @@ def cmd_ingest(args) -> None:
     from histodiff_ray.data.ingest import ingest
 
     cfg = load_config(args.config, args.overrides)
-    manifest = ingest(cfg, args.input, args.output, labeled=args.labeled, source_mpp=args.mpp, source_name=args.source)
+    manifest = ingest(cfg, args.input, args.output, labeled=args.labeled, source_mpp=args.mpp, source_name=args.source,
+                      verify=args.verify)
     print(summarize_manifest(manifest))
     print(f"tile set: {args.output}/manifest.json")
 
@@ -149,9 +150,11 @@ def cmd_sample(args) -> None:
     ldm = LatentDiffusion.from_run(run)
     steps = args.steps or cfg.sampling.ddim_steps
     eta = cfg.sampling.eta if args.eta is None else args.eta
-    z = ldm.sample(args.n, steps=steps, eta=eta, generator=torch.Generator().manual_seed(args.seed),
-                   progress=lambda ts: tqdm(ts, desc="ddim", unit="step"))
-    dest = open_location(args.output, cfg.storage) if args.output else run.join("samples", f"ddim{steps}-eta{eta:g}-seed{args.seed}.png")
+    sampler = cfg.sampling.sampler
+    z = ldm.sample(args.n, steps=steps, eta=eta, sampler=sampler, generator=torch.Generator().manual_seed(args.seed),
+                   progress=lambda ts: tqdm(ts, desc=sampler, unit="step"))
+    name = f"{sampler}{steps}-eta{eta:g}" if sampler == "ddim" else f"{sampler}{steps}"
+    dest = open_location(args.output, cfg.storage) if args.output else run.join("samples", f"{name}-seed{args.seed}.png")
     save_png(tile_grid(ldm.decode(z)), dest)
     print(f"samples: {dest}")
 
@@ -311,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Validate, tile, de-duplicate and split images into Parquet shards plus manifest.json at --output. "
             "Labeled input is class folders (ROOT/CLASS/*); unlabeled input may be tiles or large regions, "
             "cut into data.tile_size tiles with a tissue filter. Bad files are quarantined (listed with their "
-            "reason in the manifest), never fatal. Rerunning is safe: files already ingested are skipped."
+            "reason in the manifest), never fatal. Rerunning is safe: files already ingested are skipped, and "
+            "shards of --output that are missing or damaged (cut short, replaced, not Parquet) are rewritten "
+            "from their source files with the splits and labels they had."
         ),
     )
     p.add_argument("--input", action="append", required=True, help="a local folder or s3://bucket/prefix; repeat for several")
@@ -319,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeled", action="store_true", help="inputs are class folders ROOT/CLASS/*")
     p.add_argument("--mpp", type=float, default=None, help="the inputs' microns per pixel; resampled to data.microns_per_pixel")
     p.add_argument("--source", default=None, help="dataset name for the tiles (default: the input's last two path parts)")
+    p.add_argument("--verify", action="store_true",
+                   help="also compare every stored shard's SHA-256 with the manifest's (reads the whole tile set; "
+                        "without it shards are checked by size and Parquet footer)")
     _add_config(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -370,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw N unconditional DDIM samples from a finished diffusion run and save them as a PNG grid.")
     p.add_argument("--run", required=True, help="a finished pretrain/finetune run folder")
     p.add_argument("--n", type=int, default=16)
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: sampling.ddim_steps)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: sampling.ddim_steps; the sampler is sampling.sampler)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: sampling.eta)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="PNG path (default: RUN/samples/ddim<steps>-eta<eta>-seed<seed>.png)")

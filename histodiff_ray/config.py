@@ -132,10 +132,12 @@ class AutoencoderConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     val_tiles: int = 512  # PSNR/SSIM at each checkpoint on the first val tiles (all of them at the end)
+    batch_size: int | None = None  # tiles per Train worker and step; None: data.batch_size
 
     def validate(self, p: str) -> None:
         for name in ("max_steps", "checkpoint_every", "log_every", "val_tiles"):
             _check(getattr(self, name) >= 1, f"{p}.{name}", getattr(self, name), "an integer >= 1")
+        _check(self.batch_size is None or self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1, or null")
         _check(self.decoder_steps >= 0, f"{p}.decoder_steps", self.decoder_steps, "an integer >= 0")
         _check(self.decoder_lr > 0, f"{p}.decoder_lr", self.decoder_lr, "a number > 0")
         _check(self.latent_channels >= 1, f"{p}.latent_channels", self.latent_channels, "an integer >= 1")
@@ -209,8 +211,10 @@ class DiffusionConfig:
     finetune_lr: float = 2e-5
     finetune_steps: int = 20_000
     finetune_warmup_steps: int = 500
+    batch_size: int | None = None  # latents per Train worker and step; None: data.batch_size
 
     def validate(self, p: str) -> None:
+        _check(self.batch_size is None or self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1, or null")
         _check(self.finetune_lr > 0, f"{p}.finetune_lr", self.finetune_lr, "a number > 0")
         _check(self.finetune_steps >= 1, f"{p}.finetune_steps", self.finetune_steps, "an integer >= 1")
         _check(self.finetune_warmup_steps >= 0, f"{p}.finetune_warmup_steps", self.finetune_warmup_steps, "an integer >= 0")
@@ -248,9 +252,11 @@ class ClassifierConfig:
     max_steps: int = 2_000
     checkpoint_every: int = 500
     log_every: int = 50
+    batch_size: int | None = None  # latents per Train worker and step; None: data.batch_size
 
     def validate(self, p: str) -> None:
         _check(self.width >= 8, f"{p}.width", self.width, "an integer >= 8")
+        _check(self.batch_size is None or self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1, or null")
         _check(self.depth >= 1, f"{p}.depth", self.depth, "an integer >= 1")
         _check(
             len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult),
@@ -303,12 +309,15 @@ class GuidanceConfig:
 
 @dataclass
 class SamplingConfig:
-    ddim_steps: int = 50
+    # "ddim" or "dpmsolver++" (DPM-Solver++(2M), deterministic: ~20 steps match 50 of DDIM; eta unused).
+    sampler: str = "ddim"
+    ddim_steps: int = 50  # the sampler's step count
     eta: float = 1.0
     guidance_scale: float = 10.0  # classifier guidance: s in ε − s·√(1 − ᾱ)·∇ log p(y | z_t)
     cfg_scale: float = 2.0  # classifier-free guidance: w in ε_∅ + w·(ε_y − ε_∅); 1 = the plain conditional model
 
     def validate(self, p: str) -> None:
+        _check(self.sampler in ("ddim", "dpmsolver++"), f"{p}.sampler", self.sampler, "'ddim' or 'dpmsolver++'")
         _check(1 <= self.ddim_steps <= 1000, f"{p}.ddim_steps", self.ddim_steps, "an integer in [1, 1000]")
         _check(0 <= self.eta <= 1, f"{p}.eta", self.eta, "a number in [0, 1]")
         _check(self.guidance_scale >= 0, f"{p}.guidance_scale", self.guidance_scale, "a number >= 0")
@@ -396,9 +405,11 @@ class EvaluateConfig:
     synthetic_ratio: float = 1.0  # synthetic tiles per real labeled tile, per class
     pseudo_label_threshold: float = 0.95  # the pseudo-label arm keeps unlabeled tiles its teacher is this sure of
     cpus_per_run: float = 1.0  # each (arm, seed) is a Ray task with one torch thread
+    gpus_per_run: float = 0.0  # and this many GPUs (a fraction shares one); it trains on the GPU when given one
 
     def validate(self, p: str) -> None:
         _check(self.seeds >= 1, f"{p}.seeds", self.seeds, "an integer >= 1")
+        _check(self.gpus_per_run >= 0, f"{p}.gpus_per_run", self.gpus_per_run, "a number >= 0")
         _check(all(0 < f <= 1 for f in self.label_fractions) and len(set(self.label_fractions)) == len(self.label_fractions),
                f"{p}.label_fractions", self.label_fractions, "distinct numbers in (0, 1], e.g. [0.01, 0.05, 0.1, 1.0]")
         _check(set(self.arms) <= set(BASE_ARMS), f"{p}.arms", self.arms, f"a list drawn from {list(BASE_ARMS)}")
@@ -426,12 +437,14 @@ class SweepConfig:
     per_class: int = 64  # tiles generated per class for each guidance scale
     epochs: int = 8  # downstream epochs per trial (ASHA may stop a trial earlier)
     grace_epochs: int = 2  # ASHA's grace period
-    concurrency: int = 1  # trials at once; 1 on small machines (a trial's generate needs the CPUs)
+    concurrency: int = 1  # trials at once (each trains a downstream classifier); 1 on small machines
+    gpus_per_trial: float = 0.0  # GPUs a trial asks for (a fraction shares one); it trains on the GPU when given one
 
     def validate(self, p: str) -> None:
         for name in ("trials", "per_class", "epochs", "grace_epochs", "concurrency"):
             v = getattr(self, name)
             _check(v >= 1, f"{p}.{name}", v, "an integer >= 1")
+        _check(self.gpus_per_trial >= 0, f"{p}.gpus_per_trial", self.gpus_per_trial, "a number >= 0")
         _check(self.guidance_scales and all(g >= 0 for g in self.guidance_scales), f"{p}.guidance_scales",
                self.guidance_scales, "a non-empty list of numbers >= 0")
         for name, lo, hi in (("confidence_threshold_range", 0.0, 1.0), ("synthetic_ratio_range", 0.0, 100.0)):

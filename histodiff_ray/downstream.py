@@ -73,19 +73,25 @@ def predict(model: torch.nn.Module, tiles: np.ndarray, batch_size: int = 256, tt
     """Softmax probabilities (N×K) and penultimate features (N×D) of uint8 tiles. With ``tta``, both
     are averaged over the tile's eight rotations and flips (test-time augmentation: 8× the cost)."""
     model.eval()
+    device = next(model.parameters()).device
     probs, feats = [], []
     for start in range(0, len(tiles), batch_size):
-        x = to_tensor(tiles[start:start + batch_size])
+        x = to_tensor(tiles[start:start + batch_size]).to(device)
         p = f = 0
         views = range(8) if tta else [0]
         for k in views:
             features = model.forward_head(model.forward_features(dihedral(x, k)), pre_logits=True)
             p, f = p + F.softmax(model.get_classifier()(features), dim=1) / len(views), f + features / len(views)
-        probs.append(p.numpy())
-        feats.append(f.numpy())
+        probs.append(p.float().cpu().numpy())
+        feats.append(f.float().cpu().numpy())
     k = model.num_classes
     return (np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
             np.concatenate(feats) if feats else np.zeros((0, model.num_features), np.float32))
+
+
+def training_device() -> torch.device:
+    """Where tile classifiers train: the GPU Ray gave this task or job, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def index_batches(n: int, size: int, generator: torch.Generator):
@@ -125,6 +131,8 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(init) if init is not None else build_tile_classifier(cfg.arch, num_classes, train_x.shape[1])
+    device = training_device()
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_all, y_all = to_tensor(train_x), torch.from_numpy(np.array(train_y, dtype=np.int64))  # a copy: Ray hands out read-only arrays
     batch, steps_per_epoch = step_budget(cfg, budget_tiles or len(x_all))
@@ -139,8 +147,9 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
         losses = []
         for _ in range(steps_per_epoch):
             idx = next(batches)
+            # Augmented on the CPU with the run's generator (the same draws on any device), then moved.
             x = classic_augment(x_all[idx], g, colour=colour_augment, stain=cfg.stain_jitter, jitter=cfg.colour_jitter)
-            loss = F.cross_entropy(model(x), y_all[idx])
+            loss = F.cross_entropy(model(x.to(device, non_blocking=True)), y_all[idx].to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -171,7 +180,7 @@ def save_tile_classifier(model: torch.nn.Module, arch: str, classes: list[str], 
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({"architecture": arch, "num_classes": len(classes), "classes": classes, "tile_size": tile_size, **(extra or {})},
                   f, indent=1)

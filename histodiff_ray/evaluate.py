@@ -354,7 +354,7 @@ def evaluate(cfg: Config, tiles: str, output: str, *, synthetic: dict[str, str] 
         print(f"[evaluate] {len(runs)} of {len(runs) + len(todo)} runs finished before: reused", flush=True)
     if todo:
         init_ray(cfg)
-        task = ray.remote(num_cpus=e.cpus_per_run)(_train_and_test)
+        task = ray.remote(num_cpus=e.cpus_per_run, num_gpus=e.gpus_per_run)(_train_and_test)
         val_ref, tests_ref = ray.put((val_x, val_y)), ray.put(test_sets)
         refs, real_refs = {}, {}
         for (f, arm), (use, x, y, extra, identity) in arms.items():

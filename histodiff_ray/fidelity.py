@@ -383,7 +383,7 @@ def checkpoint_curve(cfg: Config, runs: list[str], tiles: str, oracle: str, outp
                 local = download_dir(ckpt.join("unet_ema"), tmp)
                 ldm.unet.load_state_dict(load_file(os.path.join(local, "diffusion_pytorch_model.safetensors")))
             generators = [torch.Generator().manual_seed(cfg.seed * 100_003 + i) for i in range(n)]
-            fake_x = np.concatenate([ldm.decode(ldm.sample(len(g), steps=steps, generator=g))
+            fake_x = np.concatenate([ldm.decode(ldm.sample(len(g), steps=steps, sampler=cfg.sampling.sampler, generator=g))
                                      for g in (generators[i:i + 64] for i in range(0, n, 64))])
             _, fake_features = predict(model, fake_x)
             precision, recall = precision_recall(val_features, fake_features, k=KNN_K)

@@ -12,7 +12,7 @@
    judge once). An actor runs guided DDIM, decodes, scores each tile (judge confidence, centroid
    agreement, distance to the nearest real train tile) and writes its shard atomically as
    ``OUT/shards/<CLASS>-<NNNNN>.parquet``. A shard is the unit of resumption: a rerun after a kill
-   skips the shards that exist and produces exactly the missing ones.
+   skips the shards that exist and produces exactly the missing ones (and any that are damaged).
 3. **Select.** From the stored scores (no pixels re-read), the selection rules and the per-class
    cap decide what is kept: ``OUT/index.parquet`` (one row per tile, kept or dropped and why),
    ``OUT/synthetic/<CLASS>/<tile_id>.png`` for kept tiles, ``OUT/grids/*.png`` to look at and
@@ -32,9 +32,10 @@ import pyarrow.parquet as pq
 
 from histodiff_ray.config import Config, SelectionConfig
 from histodiff_ray.data.images import encode_png
-from histodiff_ray.data.tiles import decode_images, decode_png, load_tile_table, require_manifest
+from histodiff_ray.data.shards import check_shards, damaged_shards
+from histodiff_ray.data.tiles import decode_images, decode_png, iter_tile_tables, require_manifest
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.storage import Location, exists, list_files, open_location, read_bytes, read_run_info, write_atomic
+from histodiff_ray.storage import Location, open_location, read_bytes, read_run_info, write_atomic
 
 PLAN_FORMAT = "histodiff-synthetic/1"
 
@@ -114,6 +115,7 @@ class Synthesizer:
                 self.guide = (load_classifier(local)
                               .to(self.ldm.device, memory_format=torch.channels_last).eval().requires_grad_(False))
         self.judge, _, self.centroids = load_judge(src["judge"], st)
+        self.judge.to(self.ldm.device)  # scoring and the memorization search run where the sampling does
         self.real_thumbs = ray.get(real_thumbs) if isinstance(real_thumbs, ray.ObjectRef) else real_thumbs
 
     def __call__(self, batch: dict) -> dict:
@@ -136,16 +138,16 @@ class Synthesizer:
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         if self.guide is not None:
             scale = s["guidance_scale"]
-            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], generator=generators,
+            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], sampler=s["sampler"], generator=generators,
                                 cond_fn=classifier_cond_fn(self.guide, labels), guidance_scale=scale)
         else:
             scale = s["cfg_scale"]
-            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], generator=generators,
+            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], sampler=s["sampler"], generator=generators,
                                 labels=labels, cfg_scale=scale)
         tiles = self.ldm.decode(z)
         probs, features = predict(self.judge, tiles)
         nearest, similarity = nearest_centroid_scores(features, self.centroids, np.full(count, label))
-        real_distance = nearest_real_distance(tiles, self.real_thumbs)
+        real_distance = nearest_real_distance(tiles, self.real_thumbs, device=self.ldm.device)
         src = plan["sources"]
         name = row["label_name"]
         table = pa.table({
@@ -179,7 +181,6 @@ def generate(cfg: Config, *, ldm: str, classifier: str | None, judge: str, tiles
     from histodiff_ray.data.latents import _storage_dict
     from histodiff_ray.judge import read_judge_config
     from histodiff_ray.raycluster import init_ray
-    from histodiff_ray.selection import box_thumbnails
 
     out = open_location(output, cfg.storage)
     tiles_loc = open_location(tiles, cfg.storage)
@@ -213,15 +214,17 @@ def generate(cfg: Config, *, ldm: str, classifier: str | None, judge: str, tiles
     plan = make_plan(cfg, classes, per_class, sources)
     _save_or_check_plan(out, plan)
 
-    shards = out.join("shards")
-    done = {name.removesuffix(".parquet") for name in (list_files(shards) if exists(shards) else []) if name.endswith(".parquet")}
-    todo = [s for s in plan["shards"] if s["shard"] not in done]
+    unmade = damaged_shards(out, shard_records(plan), SHARD_SCHEMA)
+    for path, reason in unmade.items():
+        if reason != "missing":
+            print(f"[generate] {out.join(path)} is damaged ({reason}): making it again", flush=True)
+    todo = [s for s in plan["shards"] if f"shards/{s['shard']}.parquet" in unmade]
     total = sum(s["count"] for s in plan["shards"])
-    print(f"[generate] {total} tiles in {len(plan['shards'])} shards; {len(done)} shards already done, {len(todo)} to make", flush=True)
+    print(f"[generate] {total} tiles in {len(plan['shards'])} shards; {len(plan['shards']) - len(todo)} shards already done, "
+          f"{len(todo)} to make", flush=True)
     if todo:
         init_ray(cfg)
-        real = load_tile_table(tiles_loc, "train", columns=["image"])
-        thumbs = ray.put(box_thumbnails(decode_images(real.column("image"))))
+        thumbs = ray.put(train_thumbnails(tiles_loc))
         g = cfg.generate
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             Synthesizer,
@@ -234,6 +237,17 @@ def generate(cfg: Config, *, ldm: str, classifier: str | None, judge: str, tiles
         )
         _drain(ds, sum(s["count"] for s in todo), progress)
     return select_synthetic(cfg, output, cfg.selection)
+
+
+def train_thumbnails(tiles: Location) -> np.ndarray:
+    """Box thumbnails of every train tile, for the memorization audit, decoded one shard at a
+    time: the driver never holds the tiles themselves (19 GB at 256 px and 10⁵ tiles; their
+    thumbnails take 77 MB)."""
+    from histodiff_ray.selection import SIGNATURE_SIZE, box_thumbnails
+
+    parts = [box_thumbnails(decode_images(t.column("image"))) for t in iter_tile_tables(tiles, "train", columns=["image"])
+             if t.num_rows]
+    return np.concatenate(parts) if parts else np.zeros((0, SIGNATURE_SIZE, SIGNATURE_SIZE, 3), np.float32)
 
 
 def _drain(ds, tiles: int, progress: bool) -> None:
@@ -256,11 +270,18 @@ def _save_or_check_plan(out: Location, plan: dict) -> None:
                              "use a new --output, or delete it to start over")
 
 
+def shard_records(plan: dict, names: set[str] | None = None) -> list[dict]:
+    """The plan's shards (or those named) as records for ``check_shards``: a synthetic set's shards
+    are checked by their Parquet footer (columns, rows); the plan fixes how many rows each holds."""
+    return [{"path": f"shards/{s['shard']}.parquet", "rows": s["count"]} for s in plan["shards"] if names is None or s["shard"] in names]
+
+
+REMAKE = "re-run `histodiff generate` with the same arguments: it makes missing and damaged shards again"
+
+
 def load_shards(out: Location, columns: list[str] | None = None) -> pa.Table:
     plan = json.loads(read_bytes(out.join("plan.json")))
-    missing = [s["shard"] for s in plan["shards"] if not exists(out.join("shards", f"{s['shard']}.parquet"))]
-    if missing:
-        raise HistodiffError(f"{out} is missing {len(missing)} shard(s) (e.g. {missing[0]}); rerun `histodiff generate` to finish it")
+    check_shards(out, shard_records(plan), SHARD_SCHEMA, REMAKE)
     cols = columns or [f.name for f in SHARD_SCHEMA if f.name != "image"]
     tables = [pq.read_table(out.join("shards", f"{s['shard']}.parquet").path, filesystem=out.filesystem, columns=cols)
               for s in plan["shards"]]
@@ -270,6 +291,7 @@ def load_shards(out: Location, columns: list[str] | None = None) -> pa.Table:
 def read_tile_images(out: Location, tile_ids: list[str], shards: list[str]) -> list[bytes]:
     """The PNG bytes of ``tile_ids`` (in that order), read from the shards that hold them
     (``shards[i]`` holds ``tile_ids[i]``), one read per shard."""
+    check_shards(out, shard_records(json.loads(read_bytes(out.join("plan.json"))), set(shards)), SHARD_SCHEMA, REMAKE)
     found: dict[str, bytes] = {}
     for shard in sorted(set(shards)):
         table = pq.read_table(out.join("shards", f"{shard}.parquet").path, filesystem=out.filesystem, columns=["tile_id", "image"])

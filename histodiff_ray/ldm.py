@@ -17,7 +17,7 @@ from PIL import Image
 
 from histodiff_ray.config import DiffusionConfig
 from histodiff_ray.diffusion.guidance import classifier_free_eps
-from histodiff_ray.diffusion.sampler import ddim_sample
+from histodiff_ray.diffusion.sampler import ddim_sample, dpm_solver_sample
 from histodiff_ray.diffusion.schedule import NoiseSchedule
 from histodiff_ray.models.unet import null_class
 from histodiff_ray.storage import Location, download_dir, read_run_info, write_atomic
@@ -59,16 +59,22 @@ class LatentDiffusion:
 
     def sample(self, n: int, *, steps: int = 50, eta: float = 1.0, generator: torch.Generator | None = None,
                cond_fn=None, guidance_scale: float = 0.0, labels: torch.Tensor | None = None, cfg_scale: float = 1.0,
-               progress=None) -> torch.Tensor:
+               sampler: str = "ddim", progress=None) -> torch.Tensor:
         """Scaled latents z_0 (n × C × h × w). ``labels`` with a class-conditional UNet samples those
-        classes with classifier-free guidance at ``cfg_scale``; ``cond_fn`` adds classifier guidance."""
+        classes with classifier-free guidance at ``cfg_scale``; ``cond_fn`` adds classifier guidance.
+        ``sampler``: "ddim" (with ``eta``) or "dpmsolver++" (deterministic)."""
         model = self.eps
         if labels is not None:
             if self.null_class is None:
                 raise ValueError("this UNet has no class embedding; fine-tune it with guidance.kind=classifier_free")
             model = classifier_free_eps(self.eps, labels, self.null_class, cfg_scale)
-        return ddim_sample(model, self.schedule, (n, *self.latent_shape), steps=steps, eta=eta, generator=generator,
-                           device=self.device, cond_fn=cond_fn, guidance_scale=guidance_scale, progress=progress)
+        shared = {"steps": steps, "generator": generator, "device": self.device, "cond_fn": cond_fn,
+                  "guidance_scale": guidance_scale, "progress": progress}
+        if sampler == "ddim":
+            return ddim_sample(model, self.schedule, (n, *self.latent_shape), eta=eta, **shared)
+        if sampler == "dpmsolver++":
+            return dpm_solver_sample(model, self.schedule, (n, *self.latent_shape), **shared)
+        raise ValueError(f"sampler {sampler!r} is not 'ddim' or 'dpmsolver++'")
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> np.ndarray:

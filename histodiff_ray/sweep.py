@@ -3,15 +3,16 @@
     histodiff sweep --config cpu --tiles tiles/crc5 --ldm runs/finetune --classifier runs/classifier \\
         --judge runs/judge --output sweeps/crc5 sweep.trials=12
 
-Each trial generates (or reuses) the synthetic set for its guidance scale — guidance scales are
-drawn from a grid (``sweep.guidance_scales``) so trials share generated sets; a generate output is
-resumable and keyed by its plan, so a set is made once — then applies its threshold τ in memory and
-trains a short downstream classifier on real + selected synthetic tiles. The objective is the val
-macro-F1 (the test split is never read); ASHA stops weak trials after their first epochs.
+Guidance scales come from a grid (``sweep.guidance_scales``): the driver generates the synthetic
+set of every scale on it first, one after the other (``OUT/synthetic/g<scale>``; resumable, so a
+rerun makes only what is missing). Trials then only read: each applies its threshold τ to the stored
+scores in memory and trains a short downstream classifier on real + selected synthetic tiles, so
+trials that share a scale never write into one folder, however many run at once. The objective is
+the val macro-F1 (the test split is never read); ASHA stops weak trials after their first epochs.
 
-Trials run one at a time (``max_concurrent_trials=1``) and hold a token 0.01 CPU (Tune needs a
-non-empty request): the generate actors and Ray Data tasks inside a trial need the cluster's
-CPUs, and on a 2-core machine a trial that reserved a core would wait forever for them. On a GPU cluster, raise ``sweep.concurrency``.
+``sweep.concurrency`` trials run at once (1 on the cpu profile: each trains a downstream classifier
+with torch threads on all cores). A trial holds a token 0.01 CPU, since Tune needs a non-empty
+request and a whole core per trial would leave a 2-core machine idle between trials' threads.
 
 Writes ``OUT/trials.csv`` (one row per trial) and ``OUT/best.yaml``, a complete config with the
 best values that ``histodiff generate --config OUT/best.yaml`` and ``evaluate`` take as they are.
@@ -27,6 +28,7 @@ import numpy as np
 import yaml
 
 from histodiff_ray.config import Config, config_from_dict
+from histodiff_ray.generate import generate
 from histodiff_ray.storage import open_location, write_atomic
 
 
@@ -35,16 +37,14 @@ def _synthetic_uri(output: str, scale: float) -> str:
 
 
 def trial(params: dict, storage: dict) -> None:
-    """One Tune trial (a function trainable): generate for its guidance scale, select, train.
+    """One Tune trial (a function trainable): select from its guidance scale's set, train.
     ``storage`` (credentials included) comes through the object store, never Tune's saved params."""
     import ray.tune
 
+    from histodiff_ray.config import StorageConfig
     from histodiff_ray.data.tiles import decode_images, load_tile_table
     from histodiff_ray.downstream import train_tile_classifier
     from histodiff_ray.evaluate import load_synthetic
-    from histodiff_ray.generate import generate
-
-    from histodiff_ray.config import StorageConfig
 
     cfg = config_from_dict(params["cfg"])
     cfg.storage = StorageConfig(**storage)
@@ -53,8 +53,6 @@ def trial(params: dict, storage: dict) -> None:
     cfg.evaluate.synthetic_ratio = float(params["synthetic_ratio"])
     a = params["args"]
     syn_uri = _synthetic_uri(a["output"], cfg.sampling.guidance_scale)
-    generate(cfg, ldm=a["ldm"], classifier=a["classifier"], judge=a["judge"], tiles=a["tiles"], output=syn_uri,
-             per_class=cfg.sweep.per_class, progress=False)
     tiles = open_location(a["tiles"], cfg.storage)
     train, val = load_tile_table(tiles, "train", labeled_only=True), load_tile_table(tiles, "val")
     train_x, train_y = decode_images(train.column("image")), train.column("label").to_numpy().astype(np.int64)
@@ -80,6 +78,10 @@ def sweep(cfg: Config, *, tiles: str, ldm: str, classifier: str, judge: str, out
     s = cfg.sweep
     init_ray(cfg)
     out = open_location(output, cfg.storage)
+    for scale in s.guidance_scales:
+        print(f"[sweep] the synthetic set at guidance scale {scale:g}", flush=True)
+        generate(dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, guidance_scale=float(scale))), ldm=ldm,
+                 classifier=classifier, judge=judge, tiles=tiles, output=_synthetic_uri(output, scale), per_class=s.per_class)
     space = {
         "cfg": cfg.to_dict(),  # without secrets: Tune saves its params with the trial
         "args": {"tiles": tiles, "ldm": ldm, "classifier": classifier, "judge": judge, "output": output},
@@ -89,7 +91,7 @@ def sweep(cfg: Config, *, tiles: str, ldm: str, classifier: str, judge: str, out
     }
     parent, name = out.path.rstrip("/").rsplit("/", 1)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(ray.tune.with_parameters(trial, storage=dataclasses.asdict(cfg.storage)), {"cpu": 0.01}),
+        ray.tune.with_resources(ray.tune.with_parameters(trial, storage=dataclasses.asdict(cfg.storage)), {"cpu": 0.01, "gpu": s.gpus_per_trial}),
         param_space=space,
         tune_config=ray.tune.TuneConfig(
             metric="val_macro_f1", mode="max", num_samples=s.trials, max_concurrent_trials=s.concurrency,

@@ -24,8 +24,16 @@ def test_paper_profile_has_the_papers_settings():
     d = cfg.diffusion
     assert (d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.loss, d.lr, d.warmup_steps) == (
         1000, "scaled_linear", 0.0015, 0.0155, "l1", 5e-5, 10_000)
+    # Budgets the profile used to leave at the defaults (2,000 autoencoder steps at lr 4.5e-6: untrained).
+    assert (ae.lr, ae.max_steps, ae.warmup_steps, ae.decoder_steps) == (4.5e-6, 50_000, 0, 0)
+    assert (d.finetune_lr, d.finetune_warmup_steps, d.finetune_steps, d.min_snr_gamma) == (5e-5, 10_000, 50_000, 0.0)
     c = cfg.classifier
-    assert (c.width, c.depth, c.attention_resolutions, c.pool, c.lr, c.weight_decay) == (128, 2, [2, 4], "attention", 5e-5, 0.05)
+    assert (c.width, c.depth, c.channel_mult, c.attention_resolutions, c.num_heads, c.pool, c.lr, c.weight_decay) == (
+        128, 2, [1, 1, 2, 2, 4, 4], [8, 16], 2, "attention", 5e-5, 0.05)
+    assert (c.warmup_steps, c.max_steps) == (0, 10_000)
+    # The official global batches (autoencoder 48, LDM 16, guide 32) over 8 Train workers.
+    w = cfg.ray.num_workers
+    assert (ae.batch_size * w, d.batch_size * w, c.batch_size * w) == (48, 16, 32)
     s = cfg.sampling
     assert (s.ddim_steps, s.eta, s.guidance_scale) == (50, 1.0, 10.0)
     assert cfg.selection.max_per_class == 500

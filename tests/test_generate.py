@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from histodiff_ray.config import load_config
-from histodiff_ray.storage import exists, list_files, open_location, read_bytes
+from histodiff_ray.storage import exists, list_files, open_location, read_bytes, write_atomic
 
 BIN = Path(sys.executable).parent
 PER_CLASS = 12
@@ -120,6 +120,18 @@ def test_generate_killed_half_way_then_rerun_gives_exactly_the_uninterrupted_set
         assert Image.open(io.BytesIO(read_bytes(out.join("synthetic", name)))).size == (64, 64)
     summary = json.loads(read_bytes(out.join("summary.json")))
     assert summary["tiles"] == 2 * PER_CLASS and summary["kept"] == sum(kept)
+
+    # A shard cut short later (a bad disk, an upload cut off): readers name it and the fix; a rerun remakes it.
+    from histodiff_ray.data.shards import DamagedShardError
+    from histodiff_ray.generate import load_shards
+
+    name = sorted(before)[0]
+    write_atomic(out.join("shards", name), before[name][:100])
+    with pytest.raises(DamagedShardError) as err:
+        load_shards(out)
+    assert "\n" not in str(err.value) and name in str(err.value) and "re-run `histodiff generate`" in str(err.value)
+    generate(cfg, **args, output=out.uri, per_class=PER_CLASS, progress=False)
+    assert read_bytes(out.join("shards", name)) == before[name]
 
 
 def test_loading_the_models_from_s3_leaves_no_copy_on_local_disk(models, tmp_path, monkeypatch):
@@ -234,3 +246,19 @@ def test_pseudo_labels_come_from_the_judge_for_unlabeled_train_tiles_only(models
     probs, _ = judge_probabilities(half, args["judge"], str(tmp_path / "tiles"))  # what the guide distills
     assert set(probs) == unlabeled and all(len(p) == 2 and abs(sum(p) - 1) < 1e-4 for p in probs.values())
     assert all(int(np.argmax(probs[t])) == k for t, k in labels.items())
+
+
+def test_the_driver_builds_the_real_thumbnails_shard_by_shard(models):
+    # The memorization audit needs only 16x16 thumbnails of the real train tiles; the driver decodes
+    # one shard at a time instead of holding every tile (19 GB at 256 px and 10^5 tiles).
+    from histodiff_ray.data.tiles import decode_images, iter_tile_tables, load_tile_table
+    from histodiff_ray.generate import train_thumbnails
+    from histodiff_ray.selection import box_thumbnails
+
+    cfg, _, _, args, _, _ = models
+    tiles = open_location(args["tiles"], cfg.storage)
+    per_shard = [t.num_rows for t in iter_tile_tables(tiles, "train", columns=["image"])]
+    assert len(per_shard) == len(json.loads(read_bytes(tiles.join("manifest.json")))["shards"])
+    every = load_tile_table(tiles, "train", columns=["image"])
+    assert sum(per_shard) == every.num_rows > 0
+    np.testing.assert_array_equal(train_thumbnails(tiles), box_thumbnails(decode_images(every.column("image"))))

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from histodiff_ray.config import Config
 from histodiff_ray.data import images
 from histodiff_ray.data.dedupe import assign_groups
+from histodiff_ray.data.shards import write_shard
 from histodiff_ray.data.tiles import (
     MANIFEST_FORMAT,
     SHARD_SCHEMA,
@@ -434,16 +435,66 @@ def _place(fresh: list[dict], index: TileIndex, manifest: dict, cfg: Config) -> 
 
 
 def write_shards(tiles: list[dict], output: Location, manifest: dict, per_shard: int) -> None:
-    """Write tiles as Parquet shards named by their content, so a rerun rewrites the same files."""
+    """Write tiles as Parquet shards named by their content, so a rerun rewrites the same files; each
+    with an index file beside it (every column but the pixels), which is what a damaged shard is
+    rebuilt from (``repair_shards``)."""
     for start in range(0, len(tiles), per_shard):
         part = tiles[start:start + per_shard]
-        table = pa.Table.from_pylist([{c: t[c] for c in SHARD_SCHEMA.names} for t in part], schema=SHARD_SCHEMA)
-        name = "shards/part-" + hashlib.sha1("".join(t["tile_id"] for t in part).encode()).hexdigest()[:16] + ".parquet"
-        sink = pa.BufferOutputStream()
-        # Small row groups let readers start streaming before a whole shard has arrived.
-        pq.write_table(table, sink, row_group_size=512, compression="zstd")
-        write_atomic(output.join(name), sink.getvalue().to_pybytes())
-        manifest["shards"].append({"path": name, "rows": len(part)})
+        digest = hashlib.sha1("".join(t["tile_id"] for t in part).encode()).hexdigest()[:16]
+        manifest["shards"].append(_write_shard_pair(output, f"part-{digest}.parquet", part))
+
+
+def _write_shard_pair(output: Location, name: str, part: list[dict]) -> dict:
+    table = pa.Table.from_pylist([{c: t[c] for c in SHARD_SCHEMA.names} for t in part], schema=SHARD_SCHEMA)
+    index = write_shard(output, f"index/{name}", table.drop_columns(["image"]))
+    # Small row groups let readers start streaming before a whole shard has arrived.
+    return {**write_shard(output, f"shards/{name}", table, row_group_size=512), "index": index}
+
+
+def repair_shards(output: Location, manifest: dict, opts: "TileOptions", plan: list[tuple[Location, SourceFile]],
+                  verify: bool) -> int:
+    """Rewrite the damaged or missing shards of the tile set at ``output`` from their source files,
+    with the splits, labels and duplicate groups their index files recorded (nothing moves between
+    splits); a damaged index file beside a sound shard is rewritten from the shard. Returns how many
+    shards were rewritten. Tile sets written before index files existed cannot be repaired."""
+    from histodiff_ray.data.shards import damaged_shards, shard_damage
+
+    damaged = damaged_shards(output, manifest["shards"], SHARD_SCHEMA, checksum=verify)
+    index_schema = SHARD_SCHEMA.remove(SHARD_SCHEMA.get_field_index("image"))
+    sources = {f.uri: (loc, f) for loc, f in plan}
+    for i, record in enumerate(manifest["shards"]):
+        shard = output.join(record["path"])
+        index_damage = shard_damage(output, record["index"], index_schema, checksum=verify) if "index" in record else None
+        if record["path"] not in damaged:
+            if index_damage:
+                table = pq.read_table(shard.path, filesystem=output.filesystem).drop_columns(["image"])
+                record["index"] = write_shard(output, record["index"]["path"], table)
+            continue
+        if "index" not in record:
+            raise IngestError(f"{shard} is damaged ({damaged[record['path']]}) and this tile set was written before shards had "
+                              f"index files, so its tiles' splits cannot be restored; ingest the same inputs into a new --output")
+        if index_damage:
+            raise IngestError(f"{shard} is damaged ({damaged[record['path']]}) and so is its index file ({index_damage}); "
+                              f"its tiles cannot be rebuilt: ingest the same inputs into a new --output")
+        rows = pq.read_table(output.join(record["index"]["path"]).path, filesystem=output.filesystem).to_pylist()
+        origins = sorted({r["origin"] for r in rows})
+        absent = [o for o in origins if o not in sources]
+        if absent:
+            raise IngestError(f"{shard} is damaged ({damaged[record['path']]}); its tiles come from {absent[0]}"
+                              f"{f' and {len(absent) - 1} more file(s)' if len(absent) > 1 else ''}, which no --input of this "
+                              f"run lists: re-run ingest with the --input (and --mpp) that built it")
+        made = {}
+        for res in process_files([sources[o][1] for o in origins], sources[origins[0]][0].filesystem, opts, known={}):
+            made.update((t["tile_id"], t["image"]) for t in res.tiles)
+        lost = [r for r in rows if r["tile_id"] not in made]
+        if lost:
+            raise IngestError(f"{shard} is damaged ({damaged[record['path']]}); {lost[0]['origin']} no longer gives tile "
+                              f"{lost[0]['tile_id']} (the file changed, or it was ingested with another --mpp); restore the "
+                              f"file, or ingest the inputs into a new --output")
+        name = record["path"].removeprefix("shards/")
+        manifest["shards"][i] = _write_shard_pair(output, name, [{**r, "image": made[r["tile_id"]]} for r in rows])
+        print(f"[ingest] rewrote {shard} ({damaged[record['path']]}) from {len(origins)} source file(s)", flush=True)
+    return len(damaged)
 
 
 def ingest(
@@ -455,8 +506,11 @@ def ingest(
     source_mpp: float | None = None,
     source_name: str | None = None,
     progress: bool = True,
+    verify: bool = False,
 ) -> dict[str, Any]:
-    """Ingest ``inputs`` into the tile set at ``output``; returns the committed manifest."""
+    """Ingest ``inputs`` into the tile set at ``output``; returns the committed manifest. Damaged or
+    missing shards of ``output`` are rewritten from their sources first (``verify``: also compare
+    every stored shard's SHA-256 with the manifest's, which reads the whole tile set)."""
     import ray
 
     from histodiff_ray.raycluster import init_ray
@@ -477,7 +531,6 @@ def ingest(
         manifest = new_manifest(cfg)
     else:
         _check_frozen(manifest, cfg, out)
-    index = TileIndex.load(out, manifest)
 
     opts = TileOptions(labeled, cfg.data.tile_size, cfg.data.microns_per_pixel, source_mpp,
                        cfg.data.tissue_fraction, cfg.data.max_image_pixels)
@@ -487,6 +540,11 @@ def ingest(
         work, bad = plan_sources(loc, labeled, source_name)
         plan += [(loc, f) for f in work]
         early_quarantine += bad
+    before = json.dumps(manifest, sort_keys=True)
+    repair_shards(out, manifest, opts, plan, verify)
+    if json.dumps(manifest, sort_keys=True) != before:
+        save_manifest(out, manifest)
+    index = TileIndex.load(out, manifest)
     known_q = {q["path"] for q in manifest["quarantined"]}
     new_q = [q for q in early_quarantine if q["path"] not in known_q]
     if new_q:

@@ -14,15 +14,16 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from histodiff_ray.config import Config
-from histodiff_ray.data.tiles import decode_png, read_parquet, require_manifest, shard_paths
+from histodiff_ray.data.shards import check_shards, write_shard
+from histodiff_ray.data.tiles import SHARD_SCHEMA, decode_png, read_parquet, require_manifest, shard_paths
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.storage import Location, open_location, read_bytes, write_atomic
 
 LATENT_FORMAT = "histodiff-latents/1"
 META_COLUMNS = ["tile_id", "label", "labeled", "split", "source"]
+LATENT_SCHEMA = pa.schema([SHARD_SCHEMA.field(c) for c in META_COLUMNS] + [pa.field("latent", pa.binary())])
 
 
 class LatentEncoder:
@@ -81,7 +82,7 @@ def encode_latents(cfg: Config, tiles: str, vae_dir: str, output: str, actors: i
     tables = [t for t in ray.get(table) if t.num_rows]
     if not tables:
         raise HistodiffError(f"encode-latents: the tile set at {tiles} has no tiles")
-    latents = pa.concat_tables(tables).sort_by("tile_id")
+    latents = pa.concat_tables(tables).sort_by("tile_id").select(LATENT_SCHEMA.names).cast(LATENT_SCHEMA)
     c = cfg.autoencoder.latent_channels
     side = cfg.data.tile_size // cfg.autoencoder.downsample_factor
     train = latents.filter(pc.equal(latents.column("split"), "train"))
@@ -90,11 +91,7 @@ def encode_latents(cfg: Config, tiles: str, vae_dir: str, output: str, actors: i
     shards = []
     per_shard = 16384
     for i, start in enumerate(range(0, latents.num_rows, per_shard)):
-        sink = pa.BufferOutputStream()
-        pq.write_table(latents.slice(start, per_shard), sink, compression="zstd")
-        name = f"shards/part-{i:05d}.parquet"
-        write_atomic(out.join(name), sink.getvalue().to_pybytes())
-        shards.append({"path": name, "rows": min(per_shard, latents.num_rows - start)})
+        shards.append(write_shard(out, f"shards/part-{i:05d}.parquet", latents.slice(start, per_shard)))
     latent_manifest = {
         "format": LATENT_FORMAT,
         "tiles": tiles_loc.uri,
@@ -163,6 +160,8 @@ def read_latents(root: Location, split: str | None = "train", labeled_only: bool
     from ray.data.expressions import col, lit
 
     manifest = load_latent_manifest(root)
+    check_shards(root, manifest["shards"], LATENT_SCHEMA, f"re-run `histodiff encode-latents` for {manifest['tiles']} with "
+                 f"--output {root}: it rewrites the latent set")
     ds = read_parquet([root.join(s["path"]).path for s in manifest["shards"]], root.filesystem)
     if split is not None:
         ds = ds.filter(expr=col("split") == lit(split))

@@ -2,7 +2,8 @@
 
 A tile set is a folder (local or S3) holding ``manifest.json`` and ``shards/part-*.parquet``.
 The manifest is the source of truth: readers take the shard list from it, so a shard written by an
-interrupted ingest but never committed to the manifest is invisible.
+interrupted ingest but never committed to the manifest is invisible; and they check each listed
+shard against its record first (``data/shards.py``), so a damaged one stops them with one line.
 
 Streaming (``read_tiles``) yields numpy batches ready for torch:
 ``{"image": float32 N×3×H×W in [-1, 1], "label": int64 N (-1 when unknown)}`` with random flips and
@@ -19,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from histodiff_ray.data.shards import check_shards
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.storage import Location, read_bytes, write_atomic
 
@@ -73,6 +75,9 @@ def save_manifest(root: Location, manifest: dict[str, Any]) -> None:
 
 
 def shard_paths(root: Location, manifest: dict[str, Any]) -> list[str]:
+    """The paths of a tile set's shards, each first checked against its manifest record."""
+    check_shards(root, manifest["shards"], SHARD_SCHEMA, f"re-run `histodiff ingest` with the same --input(s) and --output {root}: "
+                 "it rewrites damaged shards from their source files")
     return [root.join(shard["path"]).path for shard in manifest["shards"]]
 
 
@@ -160,9 +165,9 @@ def read_tiles(
     )
 
 
-def load_tile_table(root: Location, split: str, *, labeled_only: bool = False, columns: list[str] | None = None) -> pa.Table:
-    """The rows of one split, read straight from the shards (no Ray): for the small labeled sets
-    that the judge and the downstream classifiers train on, and for signatures."""
+def iter_tile_tables(root: Location, split: str, *, labeled_only: bool = False, columns: list[str] | None = None):
+    """The rows of one split, one shard at a time (no Ray): for work that must not hold a whole
+    tile set's pixels at once."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -170,13 +175,19 @@ def load_tile_table(root: Location, split: str, *, labeled_only: bool = False, c
     if split not in SPLITS:
         raise TileSetError(f"split {split!r} is not one of {SPLITS}")
     cols = columns or ["tile_id", "image", "label"]
-    tables = []
     for path in shard_paths(root, manifest):
         table = pq.read_table(path, filesystem=root.filesystem, columns=sorted(set(cols) | {"split", "labeled"}))
         mask = pc.equal(table.column("split"), split)
         if labeled_only:
             mask = pc.and_(mask, table.column("labeled"))
-        tables.append(table.filter(mask).select(cols))
+        yield table.filter(mask).select(cols)
+
+
+def load_tile_table(root: Location, split: str, *, labeled_only: bool = False, columns: list[str] | None = None) -> pa.Table:
+    """The rows of one split, read straight from the shards (no Ray): for the small labeled sets
+    that the judge and the downstream classifiers train on, and for signatures."""
+    cols = columns or ["tile_id", "image", "label"]
+    tables = list(iter_tile_tables(root, split, labeled_only=labeled_only, columns=cols))
     return pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table().select(cols)
 
 

@@ -1,7 +1,8 @@
 """Ray Train loops (``train_loop_per_worker`` functions) for the autoencoder and the diffusion model.
 
-Both follow one pattern: build the model from config; resume from ``ray.train.get_checkpoint()``
-when Ray Train restarts or a run is re-launched under the same name; wrap with
+They follow one pattern: build the model from config; put it on its device, build the optimizer
+and resume both from ``ray.train.get_checkpoint()`` when Ray Train restarts or a run is
+re-launched under the same name (``start_or_resume``, in that order); wrap with
 ``prepare_model`` (DDP over gloo on CPU, NCCL on GPU: the same code); stream batches from
 ``get_dataset_shard``; report metrics every ``log_every`` steps and a checkpoint every
 ``checkpoint_every`` steps. Every worker reports at the same steps (``report`` is a barrier).
@@ -45,10 +46,8 @@ class AutoencoderObjective(torch.nn.Module):
         return recon, posterior.kl()  # KL summed over latent dimensions, one value per tile
 
 
-def _save_checkpoint(models: dict, optimizer, state: dict):
-    import ray.train
-
-    folder = tempfile.mkdtemp(prefix="ckpt-")  # deleted by ray.train.report once it is in storage
+def write_checkpoint(folder: str, models: dict, optimizer, state: dict) -> None:
+    """Models as diffusers folders (safetensors), the optimizer's state and the loop's ``state``."""
     for name, model in models.items():
         # safetensors stores contiguous tensors only: save a copy in the default layout.
         copy.deepcopy(model).to(memory_format=torch.contiguous_format).save_pretrained(
@@ -57,26 +56,50 @@ def _save_checkpoint(models: dict, optimizer, state: dict):
     with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump(state, f)
     write_metrics(state["history"], folder)
+
+
+def _save_checkpoint(models: dict, optimizer, state: dict):
+    import ray.train
+
+    folder = tempfile.mkdtemp(prefix="ckpt-")  # deleted by ray.train.report once it is in storage
+    write_checkpoint(folder, models, optimizer, state)
     return ray.train.Checkpoint.from_directory(folder)
 
 
-def _load_checkpoint(models: dict, optimizer) -> dict:
-    """Restore models and optimizer from the latest checkpoint, if any; returns its state."""
-    import ray.train
+def place_and_restore(models: dict, make_optimizer, device, folder: str | None):
+    """Put ``models`` on ``device``, then build their optimizer (``make_optimizer()``), then restore
+    both from the checkpoint ``folder`` if there is one; returns (optimizer, the loop's state).
+
+    The order is the point: ``Optimizer.load_state_dict`` puts each state tensor where its
+    parameter is at that moment, so state restored before the model moves stays behind on the CPU
+    and the first step after a restart fails on a GPU. (``device`` may be anything ``Module.to``
+    takes; the test moves to another dtype, which a CPU can show.)"""
     from safetensors.torch import load_file
+
+    if folder is not None:  # weights load on the CPU, before the move
+        for name, model in models.items():
+            model.load_state_dict(load_file(os.path.join(folder, name, "diffusion_pytorch_model.safetensors")))
+    for model in models.values():
+        model.to(device)
+    optimizer = make_optimizer()
+    if folder is None:
+        return optimizer, {}
+    optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True, map_location="cpu"))
+    with open(os.path.join(folder, "state.json")) as f:
+        return optimizer, json.load(f)
+
+
+def start_or_resume(models: dict, make_optimizer, device):
+    """``place_and_restore`` from Ray Train's latest checkpoint of this run, if any."""
+    import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return {}
+        return place_and_restore(models, make_optimizer, device, None)
     # Each worker downloads its own copy: `as_directory` shares one local folder between the
     # workers of a node, and one of them may clean it up while another is still reading.
     with tempfile.TemporaryDirectory(prefix="resume-") as tmp:
-        folder = checkpoint.to_directory(tmp)
-        for name, model in models.items():
-            model.load_state_dict(load_file(os.path.join(folder, name, "diffusion_pytorch_model.safetensors")))
-        optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True, map_location="cpu"))
-        with open(os.path.join(folder, "state.json")) as f:
-            return json.load(f)
+        return place_and_restore(models, make_optimizer, device, checkpoint.to_directory(tmp))
 
 
 def write_metrics(history: list[dict], folder: str) -> None:
@@ -127,10 +150,10 @@ def autoencoder_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     vae = build_autoencoder(ae, cfg.data.tile_size)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=ae.lr)
-    state = _load_checkpoint({"vae": vae}, optimizer)
+    optimizer, state = start_or_resume({"vae": vae}, lambda: torch.optim.AdamW(vae.parameters(), lr=ae.lr), device)
     step, history = state.get("step", 0), state.get("history", [])
     total = ae.max_steps + ae.decoder_steps
+    batch_size = ae.batch_size or cfg.data.batch_size
     train = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val")
     for decoder_only, end in ((False, ae.max_steps), (True, total)):
@@ -143,7 +166,7 @@ def autoencoder_loop(config: dict) -> None:
         model = ray.train.torch.prepare_model(AutoencoderObjective(vae))
         window, started = [], time.perf_counter()
         while step < end:
-            for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
+            for batch in train.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
                 x = batch["image"]
                 recon, kl_per_tile = model(x)
                 if decoder_only:
@@ -167,7 +190,7 @@ def autoencoder_loop(config: dict) -> None:
                     checkpoint = None
                     if step % ae.checkpoint_every == 0 or phase_end:
                         if rank == 0:
-                            row.update(evaluate_autoencoder(vae, val, device, cfg.data.batch_size, None if phase_end else ae.val_tiles))
+                            row.update(evaluate_autoencoder(vae, val, device, batch_size, None if phase_end else ae.val_tiles))
                             history.append(row)
                             checkpoint = _save_checkpoint({"vae": vae}, optimizer, {"step": step, "history": history})
                     elif rank == 0:
@@ -250,21 +273,19 @@ def diffusion_loop(config: dict) -> None:
             torch.nn.init.zeros_(unet.class_embedding.weight)
     unet.to(memory_format=torch.channels_last)
     ema = EMA(unet, d.ema_decay)
-    optimizer = adamw(unet.parameters(), lr=lr)
-    state = _load_checkpoint({"unet": unet, "unet_ema": ema.model}, optimizer)
+    optimizer, state = start_or_resume({"unet": unet, "unet_ema": ema.model}, lambda: adamw(unet.parameters(), lr=lr), device)
     step, history = state.get("step", 0), state.get("history", [])
     resumed_from = step if state else None
-    unet.to(device)
-    ema.model.to(device)
     model = ray.train.torch.prepare_model(unet)
     schedule = NoiseSchedule.from_config(d)
     scale = float(config["scale_factor"])
     use_bf16 = d.bf16
+    batch_size = d.batch_size or cfg.data.batch_size
     train = ray.train.get_dataset_shard("train")
     window, micro, started = [], 0, time.perf_counter()
     while step < max_steps:
-        for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=4 * cfg.data.batch_size):
+        for batch in train.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                              local_shuffle_buffer_size=4 * batch_size):
             z0 = batch["latent"] * scale
             if cfg.data.augment:
                 z0 = random_dihedral(z0)
@@ -335,19 +356,19 @@ def classifier_loop(config: dict) -> None:
     classifier = build_classifier(c, channels, side, config["num_classes"], unet=unet)
     if config.get("init_weights") is not None:
         classifier.init_from_unet(config["init_weights"])
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    state = _load_checkpoint({"classifier": classifier}, optimizer)
+    optimizer, state = start_or_resume(
+        {"classifier": classifier}, lambda: torch.optim.AdamW(classifier.parameters(), lr=c.lr, weight_decay=c.weight_decay), device)
     step, history = state.get("step", 0), state.get("history", [])
-    classifier.to(device)
     model = ray.train.torch.prepare_model(classifier)
     schedule = NoiseSchedule.from_config(d)
     scale = float(config["scale_factor"])
+    batch_size = c.batch_size or cfg.data.batch_size
     train = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val")
     window, started = [], time.perf_counter()
     while step < c.max_steps:
-        for batch in train.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=4 * cfg.data.batch_size):
+        for batch in train.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                              local_shuffle_buffer_size=4 * batch_size):
             z0 = batch["latent"] * scale
             # Class probabilities to match: the judge's for distilled tiles, one-hot for labeled ones.
             target = batch["target"] if "target" in batch else F.one_hot(batch["label"], config["num_classes"]).float()
@@ -372,7 +393,7 @@ def classifier_loop(config: dict) -> None:
                 checkpoint = None
                 if step % c.checkpoint_every == 0 or last:
                     if rank == 0:
-                        row.update(evaluate_classifier(classifier, val, schedule, scale, device, cfg.data.batch_size, cfg.seed))
+                        row.update(evaluate_classifier(classifier, val, schedule, scale, device, batch_size, cfg.seed))
                         history.append(row)
                         checkpoint = _save_checkpoint({"classifier": classifier}, optimizer, {"step": step, "history": history})
                 elif rank == 0:

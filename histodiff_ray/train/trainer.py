@@ -284,9 +284,11 @@ def train_classifier(cfg: Config, latents: str, ldm_run: str, run: str, pseudo_l
         raise HistodiffError(f"{latents} was encoded by {manifest['autoencoder']}, but {ldm_run} "
                              f"generates latents of {ldm.get('autoencoder')}; encode the labeled tiles with that autoencoder")
     labeled = sum(manifest["labeled_train"].values())
-    if labeled < cfg.data.batch_size * cfg.ray.num_workers:
+    batch_size = cfg.classifier.batch_size or cfg.data.batch_size
+    if labeled < batch_size * cfg.ray.num_workers:
+        key = "classifier.batch_size" if cfg.classifier.batch_size else "data.batch_size"
         raise HistodiffError(f"{latents} has {labeled} labeled train tiles, fewer than one batch per worker "
-                             f"(data.batch_size={cfg.data.batch_size} × ray.num_workers={cfg.ray.num_workers}); lower data.batch_size")
+                             f"({key}={batch_size} × ray.num_workers={cfg.ray.num_workers}); lower {key}")
     classes = manifest["classes"]
     soft, pseudo_summary = None, None
     if pseudo_labels_from is not None:

@@ -1,11 +1,12 @@
-"""Numeric regression tests: our DDIM against diffusers' DDIMScheduler, step counts 1…1000."""
+"""Numeric regression tests: our DDIM against diffusers' DDIMScheduler (step counts 1…1000) and our
+DPM-Solver++(2M) against its DPMSolverMultistepScheduler, with and without classifier guidance."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from histodiff_ray.config import load_config
-from histodiff_ray.diffusion.sampler import ddim_sample, ddim_timesteps
+from histodiff_ray.diffusion.sampler import ddim_sample, ddim_timesteps, dpm_solver_sample
 from histodiff_ray.diffusion.schedule import NoiseSchedule
 
 CFG = load_config("cpu").diffusion
@@ -110,3 +111,52 @@ def test_per_sample_generators_make_each_sample_independent_of_its_batch():
     assert not torch.allclose(batch[0], batch[1])
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
         ddim_sample(toy_model, SCHEDULE, (3, 4, 8, 8), steps=2, generator=gens([1, 2]))
+
+
+def reference_dpm_solver(steps, z_T, guided_eps):
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=CFG.num_train_timesteps, beta_start=CFG.beta_start,
+                                        beta_end=CFG.beta_end, beta_schedule=CFG.beta_schedule, algorithm_type="dpmsolver++",
+                                        solver_order=2, timestep_spacing="trailing", final_sigmas_type="zero")
+    sched.set_timesteps(steps)
+    z = z_T.clone()
+    for t in sched.timesteps:
+        z = sched.step(guided_eps(z, torch.full((z.shape[0],), int(t))), t, z).prev_sample
+    return z
+
+
+# As for DDIM: step counts that divide T, where diffusers' float spacing gives the same timesteps.
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 50])
+@pytest.mark.parametrize("guidance_scale", [0.0, 3.0])
+def test_dpm_solver_matches_diffusers_with_and_without_classifier_guidance(steps, guidance_scale):
+    shape = (2, 4, 8, 8)
+    z_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+    def cond_fn(z, t):  # a smooth stand-in for ∇ log p(y | z_t), small enough to keep float32 rounding small
+        return 0.1 * torch.cos(z) * (1 + t.view(-1, 1, 1, 1).float() / 1000)
+
+    def guided(z, t):  # ε̂ = ε − √(1 − ᾱ_t) · s · ∇, as the sampler forms it
+        return toy_model(z, t) - (1 - SCHEDULE.alpha_bar(t, z)).sqrt() * guidance_scale * cond_fn(z, t)
+
+    ours = dpm_solver_sample(toy_model, SCHEDULE, shape, steps=steps, noise=z_T, cond_fn=cond_fn, guidance_scale=guidance_scale)
+    torch.testing.assert_close(ours, reference_dpm_solver(steps, z_T, guided).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_dpm_solver_at_20_steps_is_as_close_to_the_ode_solution_as_ddim_at_50():
+    # With ε from a fixed z0 both deterministic samplers are exact at any step count. With the exact
+    # ε of N(0, I) data the ODE path curves: the sample of a unit z_T converges to 0.997 (1,000
+    # DDIM steps); DDIM reaches 0.960 at 50 steps, DPM-Solver++ 0.963 at 20 (and 0.908 at 10).
+    z0 = torch.full((1, 4, 8, 8), 0.3)
+    z_T = SCHEDULE.q_sample(z0, torch.tensor([999]), torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+
+    def oracle(z, t):
+        a = SCHEDULE.alpha_bar(t, z)
+        return (z - a.sqrt() * z0) / (1 - a).sqrt()
+
+    torch.testing.assert_close(dpm_solver_sample(oracle, SCHEDULE, z0.shape, steps=7, noise=z_T), z0, rtol=1e-4, atol=1e-4)
+    one = torch.ones(1, 1, 1, 1)
+    fine = float(ddim_sample(exact_gaussian_eps, SCHEDULE, (1, 1, 1, 1), steps=1000, eta=0.0, noise=one))
+    ddim50 = float(ddim_sample(exact_gaussian_eps, SCHEDULE, (1, 1, 1, 1), steps=50, eta=0.0, noise=one))
+    dpm20 = float(dpm_solver_sample(exact_gaussian_eps, SCHEDULE, (1, 1, 1, 1), steps=20, noise=one))
+    assert abs(dpm20 - fine) <= abs(ddim50 - fine), (fine, ddim50, dpm20)

@@ -4,11 +4,11 @@ resume by re-running, and every checkpoint on storage complete and loadable."""
 import io
 import json
 import os
+import subprocess
 import tempfile
 import threading
 import time
 
-import subprocess
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
@@ -25,7 +25,13 @@ def latents(tiny_latents):
 
 
 def _worker_pids():
-    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
+    """The Train workers of this test's own Ray cluster: children of its raylet (another cluster on
+    the machine, such as a long run beside the suite, has RayTrainWorker processes too, and they are
+    not ours to kill)."""
+    from ray._private import worker
+
+    raylet = worker._global_node.all_processes["raylet"][0].process.pid
+    out = subprocess.run(["pgrep", "-P", str(raylet), "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
     return sorted(int(pid) for pid in out.split())
 
 
@@ -181,3 +187,10 @@ def test_mix_by_weight_draws_sources_in_proportion(ray_local):
     n_large = len(rows) - n_small
     # Equal weights: each source fills about half of an epoch of 1,100 rows.
     assert 500 <= n_small <= 600 and 480 <= n_large <= 620
+    # Interleaved, not whole copies one after another: in a random order of ~550 + 550 rows the
+    # longest run of one source is ~10 rows; concatenated copies arrive in runs of 100 or more.
+    longest = run = 1
+    for before, row in zip(rows, rows[1:]):
+        run = run + 1 if row["src"] == before["src"] else 1
+        longest = max(longest, run)
+    assert longest < 30

@@ -1,0 +1,47 @@
+"""The training loops' restart path without Ray: a checkpoint written on one device and resumed on
+another (on a CPU: another dtype, the one move a CPU can show)."""
+
+import torch
+
+from histodiff_ray.config import load_config
+from histodiff_ray.models.autoencoder import autoencoder_loss, build_autoencoder
+from histodiff_ray.train.loops import place_and_restore, write_checkpoint
+
+
+def _step(vae, optimizer, dtype):
+    x = torch.rand(2, 3, 16, 16, dtype=dtype) * 2 - 1
+    posterior = vae.encode(x).latent_dist
+    loss, _, _ = autoencoder_loss(x, vae.decode(posterior.sample()).sample, posterior.kl(), 1e-6)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def test_resume_builds_the_optimizer_where_the_model_now_is(tmp_path):
+    cfg = load_config("cpu", ["autoencoder.block_out_channels=8,16", "autoencoder.norm_groups=4"])
+    torch.manual_seed(0)
+    vae = build_autoencoder(cfg.autoencoder, 16)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    _step(vae, optimizer, torch.float32)
+    write_checkpoint(str(tmp_path), {"vae": vae}, optimizer, {"step": 1, "history": []})
+
+    # A restart that trains elsewhere than where it saved: a GPU after a CPU-side build, here float64.
+    restarted = build_autoencoder(cfg.autoencoder, 16)
+    optimizer, state = place_and_restore({"vae": restarted}, lambda: torch.optim.AdamW(restarted.parameters(), lr=1e-3),
+                                         torch.float64, str(tmp_path))
+    assert state["step"] == 1
+    moments = [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
+    assert moments and all(t.dtype == torch.float64 for t in moments)
+    for saved, resumed in zip(vae.state_dict().values(), restarted.state_dict().values()):
+        assert torch.equal(saved.double(), resumed)
+    # Restoring the optimizer before the move (the old order) left its state in float32, and this
+    # step failed with "expected dtype float ... but got dtype double".
+    _step(restarted, optimizer, torch.float64)
+
+
+def test_a_fresh_start_places_the_model_and_returns_no_state():
+    cfg = load_config("cpu", ["autoencoder.block_out_channels=8,16", "autoencoder.norm_groups=4"])
+    vae = build_autoencoder(cfg.autoencoder, 16)
+    optimizer, state = place_and_restore({"vae": vae}, lambda: torch.optim.AdamW(vae.parameters()), torch.float64, None)
+    assert state == {} and all(p.dtype == torch.float64 for p in vae.parameters())
+    assert optimizer.param_groups[0]["params"][0] is next(vae.parameters())
