@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,8 @@ def child(cfg, device, folder: str) -> None:
         tmp = tempfile.mkdtemp(dir=folder)
         write_checkpoint(tmp, {"unet": unet, "unet_ema": ema.model}, optimizer, {"step": step, "history": []})
         os.replace(tmp, os.path.join(folder, f"step-{step:05d}"))  # a checkpoint is whole or absent
+        if step > 1:  # several GB each at the paper's size: keep the latest only
+            shutil.rmtree(os.path.join(folder, f"step-{step - 1:05d}"))
         print(step, flush=True)
 
 
@@ -150,7 +153,10 @@ def bench_resume(cfg, device, args) -> str:
         time.sleep(0.3)  # inside the next step
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        last = sorted(d for d in os.listdir(folder) if d.startswith("step-"))[-1]
+        done = sorted(d for d in os.listdir(folder) if d.startswith("step-"))
+        if not done:
+            return f"FAILED: the training child exited with code {proc.returncode} before its first checkpoint"
+        last = done[-1]
         unet, _ = _unet(cfg, torch.device("cpu"))  # built on the CPU, as a restarted worker builds it
         ema = EMA(unet, cfg.diffusion.ema_decay)
         optimizer, state = place_and_restore({"unet": unet, "unet_ema": ema.model}, lambda: adamw(unet.parameters(), lr=cfg.diffusion.lr),

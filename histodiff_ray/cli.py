@@ -374,14 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config(p)
         p.set_defaults(func=func)
 
-    p = sub.add_parser("sample", help="unconditional DDIM samples from a run, as a PNG grid",
-                       description="Draw N unconditional DDIM samples from a finished diffusion run and save them as a PNG grid.")
+    p = sub.add_parser("sample", help="unconditional samples from a run, as a PNG grid",
+                       description="Draw N unconditional samples (sampling.sampler: DDIM or DPM-Solver++) from a finished "
+                                   "diffusion run and save them as a PNG grid.")
     p.add_argument("--run", required=True, help="a finished pretrain/finetune run folder")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: sampling.ddim_steps; the sampler is sampling.sampler)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: sampling.eta)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: sampling.eta; unused by dpmsolver++)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="PNG path (default: RUN/samples/ddim<steps>-eta<eta>-seed<seed>.png)")
+    p.add_argument("--output", default=None, help="PNG path (default: RUN/samples/<sampler><steps>[-eta<eta>]-seed<seed>.png)")
     _add_config(p)
     p.set_defaults(func=cmd_sample)
 

@@ -510,6 +510,19 @@ class Config:
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Keys added after results were cached under hashes of their sections: at the value that keeps the
+# old behaviour, and the GPU requests (where work runs, not what it makes), they are left out of
+# stage and plan hashes, so that pipeline folders and synthetic sets made before are still reused.
+NEUTRAL_KEYS = {"batch_size": None, "sampler": "ddim"}
+PLACEMENT_KEYS = ("gpus_per_run", "gpus_per_trial")
+
+
+def hashable(section: dict) -> dict:
+    """A config section as it enters a cache hash (see NEUTRAL_KEYS)."""
+    return {k: v for k, v in section.items()
+            if k not in PLACEMENT_KEYS and not (k in NEUTRAL_KEYS and v == NEUTRAL_KEYS[k])}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/override value to the field's declared type, or raise ConfigError."""
     origin = typing.get_origin(tp)

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histodiff_ray.config import Config, SelectionConfig
+from histodiff_ray.config import Config, SelectionConfig, hashable
 from histodiff_ray.data.images import encode_png
 from histodiff_ray.data.shards import check_shards, damaged_shards
 from histodiff_ray.data.tiles import decode_images, decode_png, iter_tile_tables, require_manifest
@@ -80,7 +80,7 @@ def make_plan(cfg: Config, classes: list[str], per_class: int, sources: dict) ->
         for i, start in enumerate(range(0, per_class, g.shard_size)):
             shards.append({"shard": f"{name}-{i:05d}", "label": label, "label_name": name,
                            "start": start, "count": min(g.shard_size, per_class - start)})
-    decides = {"sources": sources, "seed": cfg.seed, "sampling": dataclasses.asdict(cfg.sampling), "guidance": cfg.guidance.kind,
+    decides = {"sources": sources, "seed": cfg.seed, "sampling": hashable(dataclasses.asdict(cfg.sampling)), "guidance": cfg.guidance.kind,
                "shard_size": g.shard_size, "per_class": per_class, "classes": classes}
     digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:16]
     return {"format": PLAN_FORMAT, "hash": digest, **decides, "shards": shards}
@@ -138,11 +138,11 @@ class Synthesizer:
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         if self.guide is not None:
             scale = s["guidance_scale"]
-            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], sampler=s["sampler"], generator=generators,
+            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], sampler=s.get("sampler", "ddim"), generator=generators,
                                 cond_fn=classifier_cond_fn(self.guide, labels), guidance_scale=scale)
         else:
             scale = s["cfg_scale"]
-            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], sampler=s["sampler"], generator=generators,
+            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], sampler=s.get("sampler", "ddim"), generator=generators,
                                 labels=labels, cfg_scale=scale)
         tiles = self.ldm.decode(z)
         probs, features = predict(self.judge, tiles)

@@ -18,7 +18,7 @@ import json
 import time
 from typing import Callable
 
-from histodiff_ray.config import Config
+from histodiff_ray.config import Config, hashable
 from histodiff_ray.storage import exists, open_location, read_bytes, write_atomic
 
 # What each stage reads from the config (section or section.key).
@@ -40,7 +40,7 @@ STAGE_KEYS = {
 def _pick(d: dict, key: str):
     for part in key.split("."):
         d = d[part]
-    return d
+    return hashable(d) if isinstance(d, dict) else d
 
 
 def stage_hash(cfg: Config, stage: str, *parents: str, inputs: tuple = ()) -> str:

@@ -70,15 +70,21 @@ def test_oracle_agreement_is_the_share_of_each_class_tiles_the_oracle_gives_that
 def _tiles_with_few_labeled(tiles_uri: str, cfg, folder) -> str:
     """A local copy of a tile set in which only two train tiles keep their `labeled` mark, as a small
     data.label_fraction would leave it: the oracle must still learn from every train tile."""
+    from histodiff_ray.data.shards import write_shard
+    from histodiff_ray.data.tiles import load_manifest, save_manifest
+
     local = download_dir(open_location(tiles_uri, cfg.storage), str(folder))
+    root = open_location(local, cfg.storage)
+    manifest = load_manifest(root)
     seen = 0
-    for shard in sorted(folder.glob("shards/*.parquet")):
-        table = pq.read_table(shard)
+    for record in manifest["shards"]:  # rewritten as ingest writes shards, so that readers find them sound
+        table = pq.read_table(root.join(record["path"]).path)
         labeled = []
         for split in table.column("split").to_pylist():
             labeled.append(split == "train" and seen < 2)
             seen += split == "train"
-        pq.write_table(table.set_column(table.schema.get_field_index("labeled"), "labeled", [labeled]), shard)
+        record.update(write_shard(root, record["path"], table.set_column(table.schema.get_field_index("labeled"), "labeled", [labeled])))
+    save_manifest(root, manifest)
     return local
 
 

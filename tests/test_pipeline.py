@@ -18,6 +18,22 @@ FAST = ["ray.num_workers=1", "evaluate.seeds=1", "evaluate.cpus_per_run=0.5", "g
         "diffusion.finetune_steps=2", "diffusion.finetune_warmup_steps=0"]
 
 
+def test_stage_and_plan_hashes_are_the_ones_results_were_cached_under():
+    # Computed by 792a729, before the per-stage batch sizes, sampling.sampler and the GPU requests
+    # existed: at their neutral values those keys stay out of the hashes, so an upgrade reuses
+    # existing pipeline folders and finishes existing synthetic sets instead of refusing them.
+    from histodiff_ray.config import load_config
+    from histodiff_ray.generate import make_plan
+    from histodiff_ray.pipeline import stage_hash
+
+    cfg = load_config("cpu")
+    assert [stage_hash(cfg, s) for s in ("autoencoder", "pretrain", "classifier", "generate", "evaluate")] == [
+        "914e331e87", "16b9498d02", "558865ad5e", "ba1d69007f", "20c7fc6967"]
+    assert make_plan(cfg, ["A", "B"], 4, {})["hash"] == "bb13ac633eeb9cfe"
+    changed = load_config("cpu", ["sampling.sampler=dpmsolver++", "diffusion.batch_size=8"])
+    assert stage_hash(changed, "pretrain") != "16b9498d02" and make_plan(changed, ["A", "B"], 4, {})["hash"] != "bb13ac633eeb9cfe"
+
+
 def _markers(work):
     stages = work.join("stages")
     return sorted(n.rsplit("-", 1)[0] for n in list_files(stages)) if exists(stages) else []

@@ -457,14 +457,15 @@ def repair_shards(output: Location, manifest: dict, opts: "TileOptions", plan: l
     with the splits, labels and duplicate groups their index files recorded (nothing moves between
     splits); a damaged index file beside a sound shard is rewritten from the shard. Returns how many
     shards were rewritten. Tile sets written before index files existed cannot be repaired."""
-    from histodiff_ray.data.shards import damaged_shards, shard_damage
+    from histodiff_ray.data.shards import damaged_shards
 
     damaged = damaged_shards(output, manifest["shards"], SHARD_SCHEMA, checksum=verify)
     index_schema = SHARD_SCHEMA.remove(SHARD_SCHEMA.get_field_index("image"))
+    damaged_index = damaged_shards(output, [r["index"] for r in manifest["shards"] if "index" in r], index_schema, checksum=verify)
     sources = {f.uri: (loc, f) for loc, f in plan}
     for i, record in enumerate(manifest["shards"]):
         shard = output.join(record["path"])
-        index_damage = shard_damage(output, record["index"], index_schema, checksum=verify) if "index" in record else None
+        index_damage = damaged_index.get(record["index"]["path"]) if "index" in record else None
         if record["path"] not in damaged:
             if index_damage:
                 table = pq.read_table(shard.path, filesystem=output.filesystem).drop_columns(["image"])
@@ -484,8 +485,9 @@ def repair_shards(output: Location, manifest: dict, opts: "TileOptions", plan: l
                               f"{f' and {len(absent) - 1} more file(s)' if len(absent) > 1 else ''}, which no --input of this "
                               f"run lists: re-run ingest with the --input (and --mpp) that built it")
         made = {}
-        for res in process_files([sources[o][1] for o in origins], sources[origins[0]][0].filesystem, opts, known={}):
-            made.update((t["tile_id"], t["image"]) for t in res.tiles)
+        for o in origins:  # each from its own input's filesystem (one run may mix local and S3 inputs)
+            for res in process_files([sources[o][1]], sources[o][0].filesystem, opts, known={}):
+                made.update((t["tile_id"], t["image"]) for t in res.tiles)
         lost = [r for r in rows if r["tile_id"] not in made]
         if lost:
             raise IngestError(f"{shard} is damaged ({damaged[record['path']]}); {lost[0]['origin']} no longer gives tile "

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.storage import Location, read_bytes, write_atomic
+from histodiff_ray.storage import Location, write_atomic
 
 
 class DamagedShardError(HistodiffError):
@@ -43,7 +43,7 @@ def shard_damage(root: Location, record: dict, schema: pa.Schema, checksum: bool
     try:
         info = root.filesystem.get_file_info(loc.path)
     except OSError as exc:
-        return f"unreadable ({str(exc).splitlines()[0]})"
+        return f"unreadable ({_first_line(exc)})"
     if info.type == pafs.FileType.NotFound:
         return "missing"
     if "bytes" in record and info.size != record["bytes"]:
@@ -51,16 +51,29 @@ def shard_damage(root: Location, record: dict, schema: pa.Schema, checksum: bool
     try:
         meta = pq.read_metadata(loc.path, filesystem=root.filesystem)
     except (OSError, pa.ArrowException) as exc:
-        return f"not a readable Parquet file ({str(exc).splitlines()[0]})"
+        return f"not a readable Parquet file ({_first_line(exc)})"
     stored = meta.schema.to_arrow_schema()
     wrong = [f.name for f in schema if stored.get_field_index(f.name) < 0 or stored.field(f.name).type != f.type]
     if wrong:
         return f"not a shard of this set (column(s) {', '.join(wrong)} missing or of another type)"
     if meta.num_rows != record["rows"]:
         return f"{meta.num_rows:,} rows stored where {record['rows']:,} were written"
-    if checksum and "sha256" in record and hashlib.sha256(read_bytes(loc)).hexdigest() != record["sha256"]:
+    if checksum and "sha256" in record and _sha256(loc) != record["sha256"]:
         return "its SHA-256 differs from the one recorded when it was written"
     return None
+
+
+def _sha256(loc: Location, chunk: int = 8 << 20) -> str:
+    """Streamed, so that checking many large shards at once holds 8 MB of each, not all of it."""
+    digest = hashlib.sha256()
+    with loc.filesystem.open_input_stream(loc.path) as src:
+        while block := src.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def damaged_shards(root: Location, records: list[dict], schema: pa.Schema, checksum: bool = False) -> dict[str, str]:

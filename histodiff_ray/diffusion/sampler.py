@@ -100,7 +100,8 @@ def dpm_solver_sample(
         eps = _guided_eps(model, z, t_batch, sigma, cond_fn, guidance_scale)
         z0 = (z - sigma * eps) / alpha
         if i + 1 == len(timesteps):
-            return z0
+            z = z0
+            continue
         a_next = float(ac[timesteps[i + 1]])
         alpha_next, sigma_next = a_next**0.5, (1 - a_next) ** 0.5
         h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)  # the step in log-SNR / 2

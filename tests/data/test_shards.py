@@ -13,7 +13,7 @@ import pytest
 from histodiff_ray.config import load_config
 from histodiff_ray.data.ingest import IngestError, ingest
 from histodiff_ray.data.latents import read_latents
-from histodiff_ray.data.shards import DamagedShardError
+from histodiff_ray.data.shards import DamagedShardError, shard_damage, write_shard
 from histodiff_ray.data.tiles import load_manifest, load_tile_table, read_tiles
 from histodiff_ray.storage import open_location, read_bytes, write_atomic
 from tests.data.test_ingest import make_labeled_input
@@ -64,7 +64,7 @@ def test_a_damaged_tile_shard_is_one_line_then_ingest_rewrites_it(tile_set, dama
             read()
         message = str(err.value)
         assert "\n" not in message and str(root.join(shard["path"])) in message
-        assert "re-run `histodiff ingest`" in message
+        assert "were written (cut short or replaced)" in message and "re-run `histodiff ingest`" in message
 
     repaired = ingest(cfg, [str(src)], uri, labeled=True, progress=False)
     assert read_bytes(root.join(shard["path"])) == original  # rebuilt from the source files, byte for byte
@@ -103,7 +103,32 @@ def test_a_shard_cannot_be_rebuilt_without_its_sources_or_its_index(tile_set, tm
     write_atomic(root.join(shard["index"]["path"]), b"not parquet")
     with pytest.raises(IngestError, match="and so is its index file"):
         ingest(cfg, [str(src)], uri, labeled=True, progress=False)
-    assert json.loads(read_bytes(root.join("manifest.json")))["shards"] == load_manifest(root)["shards"]
+    assert load_manifest(root)["shards"] == manifest["shards"]  # the failed repairs committed nothing
+
+
+def test_records_without_sizes_are_checked_by_their_footer(tmp_path):
+    """Manifests written before sizes and checksums were kept list only path and rows: the Parquet
+    footer then tells a cut, a foreign file and a wrong row count apart."""
+    root = open_location(str(tmp_path), load_config("cpu").storage)
+    table = pa.table({"tile_id": ["a", "b", "c"], "latent": [b"1", b"2", b"3"]})
+    schema = table.schema
+    record = {"path": "shards/part-0.parquet", "rows": 3}
+    assert shard_damage(root, write_shard(root, record["path"], table), schema, checksum=True) is None
+    cases = [(lambda: _truncate(read_bytes(root.join(record["path"]))), "not a readable Parquet file"),
+             (lambda: _other_schema(b""), "not a shard of this set (column(s) latent missing"),
+             (lambda: _parquet(table.slice(0, 2)), "2 rows stored where 3 were written")]
+    for make, reason in cases:
+        write_shard(root, record["path"], table)
+        write_atomic(root.join(record["path"]), make())
+        assert reason in shard_damage(root, record, schema)
+    root.filesystem.delete_file(root.join(record["path"]).path)
+    assert shard_damage(root, record, schema) == "missing"
+
+
+def _parquet(table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def test_a_damaged_latent_shard_names_encode_latents(tiny_latents):

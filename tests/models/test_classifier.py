@@ -124,13 +124,15 @@ def test_a_folder_whose_weights_do_not_all_fit_is_refused_not_half_loaded(tmp_pa
         load_classifier(str(tmp_path / "clf"))
 
 
-def test_paper_profile_builds_guided_diffusion_levels():
+def test_paper_profile_builds_the_official_guide():
+    # HistoDiffAug's guide is guided-diffusion's classifier for 256 px images fed 64x64 latents: six
+    # levels (64 down to 2 px), attention at downsample rates 8 and 16, heads of 64 channels.
     cfg = load_config("paper")
-    assert cfg.classifier.channel_mult == [1, 2, 3, 4] and cfg.classifier.num_heads == 2
+    assert cfg.classifier.channel_mult == [1, 1, 2, 2, 4, 4] and cfg.classifier.num_heads == 2
     latent = cfg.data.tile_size // cfg.autoencoder.downsample_factor
     model = build_classifier(cfg.classifier, cfg.autoencoder.latent_channels, latent, num_classes=3)
     assert model.feature_dim == 128 * 4
-    assert model.attn_pool.pos.shape == ((64 // 8) ** 2 + 1, 512)
+    assert model.attn_pool.pos.shape == ((64 // 32) ** 2 + 1, 512)
     assert model.attn_pool.attn.num_heads == 8  # head size 64, as guided-diffusion's num_head_channels
 
 

@@ -44,4 +44,4 @@ def test_a_fresh_start_places_the_model_and_returns_no_state():
     vae = build_autoencoder(cfg.autoencoder, 16)
     optimizer, state = place_and_restore({"vae": vae}, lambda: torch.optim.AdamW(vae.parameters()), torch.float64, None)
     assert state == {} and all(p.dtype == torch.float64 for p in vae.parameters())
-    assert optimizer.param_groups[0]["params"][0] is next(vae.parameters())
+    assert optimizer.param_groups[0]["params"][0].dtype == torch.float64 and optimizer.state == {}
