@@ -369,7 +369,8 @@ def checkpoint_curve(cfg: Config, runs: list[str], tiles: str, oracle: str, outp
         run_loc = open_location(run, cfg.storage)
         info = read_run_info(run_loc)
         rc = info["config"]
-        per_step = rc["data"]["batch_size"] * rc["ray"]["num_workers"] * rc["diffusion"]["grad_accum_steps"]
+        batch = rc["diffusion"].get("batch_size") or rc["data"]["batch_size"]
+        per_step = batch * rc["ray"]["num_workers"] * rc["diffusion"]["grad_accum_steps"]
         snapshot = json.loads(read_bytes(run_loc.join("checkpoint_manager_snapshot.json")))
         names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
         ldm = LatentDiffusion.from_run(run_loc)
