@@ -26,7 +26,7 @@ def test_stage_and_plan_hashes_are_the_ones_results_were_cached_under():
     from histodiff_ray.generate import make_plan
     from histodiff_ray.pipeline import stage_hash
 
-    cfg = load_config("cpu")
+    cfg = load_config("cpu", ["diffusion.max_steps=2000", "diffusion.finetune_steps=600"])  # 792a729's cpu profile
     assert [stage_hash(cfg, s) for s in ("autoencoder", "pretrain", "classifier", "generate", "evaluate")] == [
         "914e331e87", "16b9498d02", "558865ad5e", "ba1d69007f", "20c7fc6967"]
     assert make_plan(cfg, ["A", "B"], 4, {})["hash"] == "bb13ac633eeb9cfe"
