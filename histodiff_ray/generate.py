@@ -292,6 +292,11 @@ def read_tile_images(out: Location, tile_ids: list[str], shards: list[str]) -> l
     """The PNG bytes of ``tile_ids`` (in that order), read from the shards that hold them
     (``shards[i]`` holds ``tile_ids[i]``), one read per shard."""
     check_shards(out, shard_records(json.loads(read_bytes(out.join("plan.json"))), set(shards)), SHARD_SCHEMA, REMAKE)
+    return _read_checked_images(out, tile_ids, shards)
+
+
+def _read_checked_images(out: Location, tile_ids: list[str], shards: list[str]) -> list[bytes]:
+    """``read_tile_images`` for shards already checked (``load_shards`` checks every shard)."""
     found: dict[str, bytes] = {}
     for shard in sorted(set(shards)):
         table = pq.read_table(out.join("shards", f"{shard}.parquet").path, filesystem=out.filesystem, columns=["tile_id", "image"])
@@ -344,7 +349,7 @@ def _write_pngs_and_grids(out: Location, plan: dict, index: pa.Table, columns: i
     grids = {(label, k): [] for label in range(len(plan["classes"])) for k in (True, False)}
     writes = []
     for shard, rows in by_shard.items():
-        for i, png in zip(rows, read_tile_images(out, [tile_ids[i] for i in rows], [shard] * len(rows))):
+        for i, png in zip(rows, _read_checked_images(out, [tile_ids[i] for i in rows], [shard] * len(rows))):
             if kept[i]:
                 writes.append((out.join(index.column("png")[i].as_py()), png))
             bucket = grids[(int(labels[i]), bool(kept[i]))]

@@ -19,6 +19,7 @@ from histodiff_ray.config import DiffusionConfig
 from histodiff_ray.diffusion.guidance import classifier_free_eps
 from histodiff_ray.diffusion.sampler import ddim_sample, dpm_solver_sample
 from histodiff_ray.diffusion.schedule import NoiseSchedule
+from histodiff_ray.models import default_device
 from histodiff_ray.models.unet import null_class
 from histodiff_ray.storage import Location, download_dir, read_run_info, write_atomic
 
@@ -37,7 +38,7 @@ class LatentDiffusion:
         from diffusers import AutoencoderKL, UNet2DModel
 
         info = read_run_info(run)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = torch.device(device) if device else default_device()
         with tempfile.TemporaryDirectory(prefix="ldm-") as tmp:  # S3 weights are copied here, read, and deleted
             local = download_dir(run.join("model"), tmp)
             # Channels-last: oneDNN's (CPU) and cuDNN's fast convolution path; 1.2-1.5x faster sampling here.

@@ -67,7 +67,7 @@ def bucket(s3) -> str:
 
 
 # Tiny model settings for integration tests: two Train workers, a few steps, a small UNet.
-TINY = ["data.batch_size=8", "ray.num_workers=2", "autoencoder.max_steps=2", "autoencoder.decoder_steps=0", "autoencoder.checkpoint_every=2",
+TINY = ["data.batch_size=8", "ray.num_workers=2", "autoencoder.max_steps=2", "autoencoder.decoder_steps=0", "autoencoder.gan_steps=0", "autoencoder.checkpoint_every=2",
         "autoencoder.log_every=1", "diffusion.checkpoint_every=2", "diffusion.log_every=1", "diffusion.warmup_steps=2",
         "unet.base_channels=32", "unet.channel_mult=1,2", "unet.attention_resolutions=2"]
 

@@ -26,6 +26,8 @@ def test_paper_profile_has_the_papers_settings():
         1000, "scaled_linear", 0.0015, 0.0155, "l1", 5e-5, 10_000)
     # Budgets the profile used to leave at the defaults (2,000 autoencoder steps at lr 4.5e-6: untrained).
     assert (ae.lr, ae.max_steps, ae.warmup_steps, ae.decoder_steps) == (4.5e-6, 50_000, 0, 0)
+    # LDM's PatchGAN: disc_start 50,001, disc_weight 0.5, the same LR, 3 layers of 64 channels.
+    assert (ae.gan_steps, ae.gan_lr, ae.gan_weight, ae.gan_channels, ae.gan_layers) == (50_000, 4.5e-6, 0.5, 64, 3)
     assert (d.finetune_lr, d.finetune_warmup_steps, d.finetune_steps, d.min_snr_gamma) == (5e-5, 10_000, 50_000, 0.0)
     c = cfg.classifier
     assert (c.width, c.depth, c.channel_mult, c.attention_resolutions, c.num_heads, c.pool, c.lr, c.weight_decay) == (

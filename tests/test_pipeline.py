@@ -26,12 +26,15 @@ def test_stage_and_plan_hashes_are_the_ones_results_were_cached_under():
     from histodiff_ray.generate import make_plan
     from histodiff_ray.pipeline import stage_hash
 
-    cfg = load_config("cpu", ["diffusion.max_steps=2000", "diffusion.finetune_steps=600"])  # 792a729's cpu profile
+    cfg = load_config("cpu", ["diffusion.max_steps=2000", "diffusion.finetune_steps=600", "autoencoder.gan_steps=0"])  # 792a729's cpu profile
     assert [stage_hash(cfg, s) for s in ("autoencoder", "pretrain", "classifier", "generate", "evaluate")] == [
         "914e331e87", "16b9498d02", "558865ad5e", "ba1d69007f", "20c7fc6967"]
     assert make_plan(cfg, ["A", "B"], 4, {})["hash"] == "bb13ac633eeb9cfe"
     changed = load_config("cpu", ["sampling.sampler=dpmsolver++", "diffusion.batch_size=8"])
     assert stage_hash(changed, "pretrain") != "16b9498d02" and make_plan(changed, ["A", "B"], 4, {})["hash"] != "bb13ac633eeb9cfe"
+    # The adversarial decoder phase's settings count only when it is on.
+    off = load_config("cpu", ["autoencoder.gan_steps=0", "autoencoder.gan_lr=1e-3"])
+    assert stage_hash(off, "autoencoder") == "914e331e87" != stage_hash(load_config("cpu"), "autoencoder")
 
 
 def _markers(work):

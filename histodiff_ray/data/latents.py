@@ -35,11 +35,12 @@ class LatentEncoder:
         import torch
 
         from histodiff_ray.config import StorageConfig
+        from histodiff_ray.models import default_device
         from histodiff_ray.models.autoencoder import load_autoencoder
         from histodiff_ray.storage import download_dir
 
         torch.set_num_threads(1)  # one thread per actor: actors, not threads, scale across cores
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = default_device()
         with tempfile.TemporaryDirectory(prefix="vae-") as tmp:
             local = download_dir(open_location(vae_dir, StorageConfig(**storage)), tmp)
             self.vae = load_autoencoder(local).to(self.device).eval()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 
 from histodiff_ray.config import AutoencoderConfig
 
@@ -48,3 +51,54 @@ def decoder_loss(x: torch.Tensor, recon: torch.Tensor) -> tuple:
     l1 = (x - recon).abs().mean()
     mse = ((x - recon) ** 2).mean()
     return l1 + mse, l1, mse
+
+
+class PatchDiscriminator(ModelMixin, ConfigMixin):
+    """pix2pix's PatchGAN (LDM's ``NLayerDiscriminator``) for the adversarial decoder phase: a real /
+    fake logit per overlapping patch, and the features of each stage for feature matching.
+    ``n_layers`` stride-2 stages then one stride-1 stage, as in pix2pix: 2 suit 64 px tiles (each
+    logit sees 34 px), LDM uses 3 at 256 px. Spectral norm instead of BatchNorm keeps it stable at
+    small batches and under DDP (no batch statistics to sync)."""
+
+    @register_to_config
+    def __init__(self, channels: int = 64, n_layers: int = 2):
+        super().__init__()
+        sn = torch.nn.utils.parametrizations.spectral_norm
+        widths = [3] + [channels * min(2 ** i, 8) for i in range(n_layers + 1)]
+        self.blocks = torch.nn.ModuleList(
+            sn(torch.nn.Conv2d(a, b, 4, 2 if i < n_layers else 1, 1)) for i, (a, b) in enumerate(zip(widths, widths[1:])))
+        self.head = sn(torch.nn.Conv2d(widths[-1], 1, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        features = []
+        for block in self.blocks:
+            x = F.leaky_relu(block(x), 0.2)
+            features.append(x)
+        return self.head(x), features
+
+
+def adversarial_decoder_loss(x: torch.Tensor, recon: torch.Tensor, fake_logits: torch.Tensor, fake_features: list,
+                             real_features: list, disc_logits: torch.Tensor, last_layer: torch.Tensor, *,
+                             gan_weight: float, feature_matching: float) -> tuple:
+    """The adversarial decoder phase's objective, one loss for the decoder and the discriminator.
+
+    Decoder: L1 + MSE (the decoder phase's) + ``feature_matching`` × the mean L1 between the
+    discriminator's features of each tile and of its own reconstruction (pix2pixHD: a paired,
+    learned perceptual term, since no pretrained LPIPS network can be downloaded here) + an
+    adaptive weight × the hinge generator loss on ``fake_logits`` (LDM: ``gan_weight`` × the ratio
+    of the two terms' gradient norms at the decoder's ``last_layer``). ``fake_logits`` and
+    ``fake_features`` must come from a discriminator whose weights are detached, so this part moves
+    the decoder only. Discriminator: the hinge loss on ``disc_logits``, its logits for the real tiles
+    followed by those for the detached reconstructions. Returns (loss, reconstruction term, generator
+    loss, discriminator loss, adaptive weight)."""
+    rec = (x - recon).abs().mean() + ((x - recon) ** 2).mean()
+    rec = rec + feature_matching * sum((f - r).abs().mean() for f, r in zip(fake_features, real_features)) / len(real_features)
+    gen = -fake_logits.mean()
+    weight = torch.zeros((), device=x.device)
+    if gan_weight > 0:
+        rec_grad = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
+        gen_grad = torch.autograd.grad(gen, last_layer, retain_graph=True)[0]
+        weight = (rec_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0, 1e4).detach() * gan_weight
+    n = len(x)
+    disc = 0.5 * (F.relu(1 - disc_logits[:n]).mean() + F.relu(1 + disc_logits[n:]).mean())
+    return rec + weight * gen + disc, rec, gen, disc, weight

@@ -29,7 +29,8 @@ from histodiff_ray.augment import random_dihedral
 from histodiff_ray.config import UNetConfig, config_from_dict
 from histodiff_ray.diffusion.schedule import NoiseSchedule
 from histodiff_ray.metrics import psnr, ssim
-from histodiff_ray.models.autoencoder import autoencoder_loss, build_autoencoder, decoder_loss
+from histodiff_ray.models.autoencoder import (PatchDiscriminator, adversarial_decoder_loss, autoencoder_loss,
+                                              build_autoencoder, decoder_loss)
 from histodiff_ray.models.unet import build_unet
 
 
@@ -78,13 +79,19 @@ def place_and_restore(models: dict, make_optimizer, device, folder: str | None):
 
     if folder is not None:  # weights load on the CPU, before the move
         for name, model in models.items():
-            model.load_state_dict(load_file(os.path.join(folder, name, "diffusion_pytorch_model.safetensors")))
+            weights = os.path.join(folder, name, "diffusion_pytorch_model.safetensors")
+            if os.path.exists(weights):  # a model that a later phase adds (a discriminator) starts fresh
+                model.load_state_dict(load_file(weights))
     for model in models.values():
         model.to(device)
     optimizer = make_optimizer()
     if folder is None:
         return optimizer, {}
-    optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True, map_location="cpu"))
+    saved = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True, map_location="cpu")
+    # Parameter groups that a later phase adds start fresh; parameters are numbered across groups in
+    # order, so the new groups' numbers follow the saved ones.
+    saved["param_groups"] += optimizer.state_dict()["param_groups"][len(saved["param_groups"]):]
+    optimizer.load_state_dict(saved)
     with open(os.path.join(folder, "state.json")) as f:
         return optimizer, json.load(f)
 
@@ -138,9 +145,33 @@ def _set_lr(optimizer, base_lr: float, step: int, warmup: int, cosine_to: int | 
     return lr
 
 
+class AdversarialDecoderObjective(torch.nn.Module):
+    """The adversarial decoder phase's forward (encoder frozen): the reconstruction, the
+    discriminator's logits and features of it through *detached* discriminator weights (so that the
+    decoder's terms move the decoder only), its features of the real tiles, and its logits for the
+    real tiles and the detached reconstructions (its own hinge loss). One forward and one backward
+    for both models, as DDP wants."""
+
+    def __init__(self, vae, disc):
+        super().__init__()
+        self.vae, self.disc = vae, disc
+
+    def forward(self, x):
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.sample()
+        recon = self.vae.decode(z).sample
+        detached = {name: p.detach() for name, p in self.disc.named_parameters()}
+        fake_logits, fake_features = torch.func.functional_call(self.disc, detached, (recon,))
+        with torch.no_grad():
+            _, real_features = self.disc(x)
+        disc_logits, _ = self.disc(torch.cat([x, recon.detach()]))
+        return recon, fake_logits, fake_features, real_features, disc_logits
+
+
 def autoencoder_loop(config: dict) -> None:
     """``max_steps`` of the whole autoencoder on LDM's objective, then ``decoder_steps`` of the decoder
-    alone on L1 + MSE with the encoder frozen (the latents stay as they were)."""
+    alone on L1 + MSE, then ``gan_steps`` of the decoder alone against a PatchGAN discriminator; the
+    encoder is frozen after the first phase, so the latents stay as they were."""
     import ray.train
     import ray.train.torch
 
@@ -150,49 +181,70 @@ def autoencoder_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     vae = build_autoencoder(ae, cfg.data.tile_size)
-    optimizer, state = start_or_resume({"vae": vae}, lambda: torch.optim.AdamW(vae.parameters(), lr=ae.lr), device)
+    models, groups = {"vae": vae}, [{"params": list(vae.parameters())}]
+    if ae.gan_steps:  # a run may gain this phase after it finished: the discriminator then starts fresh
+        disc = models["disc"] = PatchDiscriminator(channels=ae.gan_channels, n_layers=ae.gan_layers)
+        groups.append({"params": list(disc.parameters()), "weight_decay": 0.0})
+    optimizer, state = start_or_resume(models, lambda: torch.optim.AdamW(groups, lr=ae.lr), device)
     step, history = state.get("step", 0), state.get("history", [])
-    total = ae.max_steps + ae.decoder_steps
+    decoder_end = ae.max_steps + ae.decoder_steps
+    total = decoder_end + ae.gan_steps
     batch_size = ae.batch_size or cfg.data.batch_size
     train = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val")
-    for decoder_only, end in ((False, ae.max_steps), (True, total)):
+    for phase, end in (("joint", ae.max_steps), ("decoder", decoder_end), ("adversarial", total)):
         if step >= end:
             continue
         # Frozen parameters get no gradient, so AdamW leaves them (and their weight decay) alone. DDP
         # syncs the parameters that require grad when it is built: one wrapper per phase.
         for frozen in (vae.encoder, vae.quant_conv):
-            frozen.requires_grad_(not decoder_only)
-        model = ray.train.torch.prepare_model(AutoencoderObjective(vae))
+            frozen.requires_grad_(phase == "joint")
+        if phase == "adversarial":
+            model = ray.train.torch.prepare_model(AdversarialDecoderObjective(vae, disc))
+            for group in optimizer.param_groups:
+                group["betas"] = (0.5, 0.9)  # LDM's and pix2pix's for adversarial training
+        else:
+            model = ray.train.torch.prepare_model(AutoencoderObjective(vae))
         window, started = [], time.perf_counter()
         while step < end:
             for batch in train.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
                 x = batch["image"]
-                recon, kl_per_tile = model(x)
-                if decoder_only:
-                    loss, rec_loss, _ = decoder_loss(x, recon)
+                extra = {}
+                if phase == "adversarial":
+                    recon, *disc_out = model(x)
+                    loss, _, gen, dis, weight = adversarial_decoder_loss(
+                        x, recon, *disc_out, vae.decoder.conv_out.weight, gan_weight=ae.gan_weight,
+                        feature_matching=ae.gan_feature_matching)
+                    extra = {"gen_loss": gen.item(), "disc_loss": dis.item(), "gan_weight": weight.item()}
+                    _set_lr(optimizer, ae.gan_lr, step - decoder_end, min(50, ae.gan_steps // 10), cosine_to=ae.gan_steps)
+                elif phase == "decoder":
+                    recon, _ = model(x)
+                    loss, _, _ = decoder_loss(x, recon)
                     _set_lr(optimizer, ae.decoder_lr, step - ae.max_steps, min(50, ae.decoder_steps // 10), cosine_to=ae.decoder_steps)
                 else:
-                    loss, rec_loss, _ = autoencoder_loss(x, recon, kl_per_tile, ae.kl_weight)
+                    recon, kl_per_tile = model(x)
+                    loss, _, _ = autoencoder_loss(x, recon, kl_per_tile, ae.kl_weight)
+                    extra = {"kl": kl_per_tile.mean().item()}
                     _set_lr(optimizer, ae.lr, step, ae.warmup_steps, cosine_to=ae.max_steps)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
-                window.append((rec_loss.item(), ((x - recon) ** 2).mean().item(), kl_per_tile.mean().item(), len(x)))
-                # The end of each phase is checkpointed and scored on all val tiles (before/after the decoder phase).
+                window.append({"l1": (x - recon).abs().mean().item(), "mse": ((x - recon) ** 2).mean().item(), **extra,
+                               "tiles": len(x)})
+                # The end of each phase is checkpointed and scored on all val tiles.
                 phase_end = step >= end
                 if step % ae.log_every == 0 or step % ae.checkpoint_every == 0 or phase_end:
                     elapsed = time.perf_counter() - started
-                    row = {"step": step, "l1": sum(w[0] for w in window) / len(window), "mse": sum(w[1] for w in window) / len(window),
-                           "kl": sum(w[2] for w in window) / len(window), "tiles_per_s": sum(w[3] for w in window) / max(elapsed, 1e-9)}
+                    row = {"step": step, **{k: sum(w[k] for w in window) / len(window) for k in window[0] if k != "tiles"},
+                           "tiles_per_s": sum(w["tiles"] for w in window) / max(elapsed, 1e-9)}
                     window, started = [], time.perf_counter()
                     checkpoint = None
                     if step % ae.checkpoint_every == 0 or phase_end:
                         if rank == 0:
                             row.update(evaluate_autoencoder(vae, val, device, batch_size, None if phase_end else ae.val_tiles))
                             history.append(row)
-                            checkpoint = _save_checkpoint({"vae": vae}, optimizer, {"step": step, "history": history})
+                            checkpoint = _save_checkpoint(models, optimizer, {"step": step, "history": history})
                     elif rank == 0:
                         history.append(row)
                     if rank == 0:

@@ -17,13 +17,19 @@ def _step(vae, optimizer, dtype):
     optimizer.step()
 
 
-def test_resume_builds_the_optimizer_where_the_model_now_is(tmp_path):
+def _saved_run(folder):
+    """A tiny autoencoder trained one step on the CPU in float32, checkpointed to ``folder``."""
     cfg = load_config("cpu", ["autoencoder.block_out_channels=8,16", "autoencoder.norm_groups=4"])
     torch.manual_seed(0)
     vae = build_autoencoder(cfg.autoencoder, 16)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     _step(vae, optimizer, torch.float32)
-    write_checkpoint(str(tmp_path), {"vae": vae}, optimizer, {"step": 1, "history": []})
+    write_checkpoint(str(folder), {"vae": vae}, optimizer, {"step": 1, "history": []})
+    return cfg, vae
+
+
+def test_resume_builds_the_optimizer_where_the_model_now_is(tmp_path):
+    cfg, vae = _saved_run(tmp_path)
 
     # A restart that trains elsewhere than where it saved: a GPU after a CPU-side build, here float64.
     restarted = build_autoencoder(cfg.autoencoder, 16)
@@ -45,3 +51,21 @@ def test_a_fresh_start_places_the_model_and_returns_no_state():
     optimizer, state = place_and_restore({"vae": vae}, lambda: torch.optim.AdamW(vae.parameters()), torch.float64, None)
     assert state == {} and all(p.dtype == torch.float64 for p in vae.parameters())
     assert optimizer.param_groups[0]["params"][0].dtype == torch.float64 and optimizer.state == {}
+
+
+def test_a_phase_added_to_a_finished_run_starts_its_new_model_and_parameter_group_fresh(tmp_path):
+    # autoencoder.gan_steps raised on a finished run: its checkpoint has no discriminator and a
+    # one-group optimizer; the autoencoder and its optimizer state come back, the discriminator starts.
+    from histodiff_ray.models.autoencoder import PatchDiscriminator
+
+    cfg, vae = _saved_run(tmp_path)
+    restarted, disc = build_autoencoder(cfg.autoencoder, 16), PatchDiscriminator(channels=4)
+    fresh = {k: v.clone() for k, v in disc.state_dict().items()}
+    groups = [{"params": list(restarted.parameters())}, {"params": list(disc.parameters()), "weight_decay": 0.0}]
+    optimizer, state = place_and_restore({"vae": restarted, "disc": disc}, lambda: torch.optim.AdamW(groups, lr=1e-3),
+                                         torch.float32, str(tmp_path))
+    assert state["step"] == 1 and len(optimizer.param_groups) == 2 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), restarted.state_dict().values()))
+    assert all(torch.equal(fresh[k], v) for k, v in disc.state_dict().items())
+    assert len(optimizer.state) == len(list(vae.parameters()))  # the autoencoder's moments only
+    _step(restarted, optimizer, torch.float32)

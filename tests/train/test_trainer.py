@@ -137,26 +137,33 @@ def csv_rows(run):
     return [{k: float(v) if v else None for k, v in row.items()} | {"step": int(row["step"])} for row in csv.DictReader(io.StringIO(text))]
 
 
-def test_decoder_phase_trains_the_decoder_alone_so_the_latents_do_not_change(latents):
+def test_decoder_phases_train_the_decoder_alone_so_the_latents_do_not_change(latents):
+    # The decoder phase, then an adversarial phase added to the finished run (autoencoder.gan_steps
+    # raised, the same command re-run): it resumes at the last step with a fresh discriminator, two
+    # DDP workers train decoder and discriminator in one backward, and the encoder never moves.
     from histodiff_ray.train.trainer import train_autoencoder
 
     cfg, bucket = latents
-    cfg.autoencoder.max_steps, cfg.autoencoder.decoder_steps, cfg.ray.keep_checkpoints = 2, 2, 4
+    cfg.autoencoder.max_steps, cfg.autoencoder.decoder_steps, cfg.ray.keep_checkpoints = 2, 2, 6
     run_uri = f"s3://{bucket}/runs/ae-decoder"
     info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], run_uri)
     assert info["step"] == 4 and info["final_metrics"]["val_psnr"] > 5
+    cfg.autoencoder.gan_steps, cfg.autoencoder.gan_channels = 2, 8
+    info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], run_uri)
+    assert info["step"] == 6 and info["final_metrics"]["disc_loss"] > 0
     run = open_location(run_uri, cfg.storage)
     by_step = {}
     for d in {f.split("/")[0] for f in list_files(run) if f.startswith("checkpoint_") and "/" in f}:
         step = json.loads(read_bytes(run.join(d, "state.json")))["step"]
         by_step[step] = load_safetensors(read_bytes(run.join(d, "vae", "diffusion_pytorch_model.safetensors")))
-    joint, decoder_only = by_step[2], by_step[4]
+    joint, decoder_only, adversarial = by_step[2], by_step[4], by_step[6]
     frozen = [k for k in joint if k.startswith(("encoder.", "quant_conv."))]
     trained = [k for k in joint if k.startswith(("decoder.", "post_quant_conv."))]
     assert frozen and trained
-    assert all(torch.equal(joint[k], decoder_only[k]) for k in frozen)
+    assert all(torch.equal(joint[k], later[k]) for k in frozen for later in (decoder_only, adversarial))
     assert any(not torch.equal(joint[k], decoder_only[k]) for k in trained)
-    assert [r["step"] for r in csv_rows(run)] == [1, 2, 3, 4]
+    assert any(not torch.equal(decoder_only[k], adversarial[k]) for k in trained)
+    assert [r["step"] for r in csv_rows(run)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_sample_writes_a_png_grid_of_decoded_tiles(latents):
@@ -180,8 +187,9 @@ def test_mix_by_weight_draws_sources_in_proportion(ray_local):
 
     from histodiff_ray.train.trainer import mix_by_weight
 
-    small = ray.data.from_items([{"src": "small"}] * 100)
-    large = ray.data.from_items([{"src": "large"}] * 1000)
+    # A few blocks each, as tile shards are: from_items' default of one block per ~row made the shuffle slow.
+    small = ray.data.from_items([{"src": "small"}] * 100, override_num_blocks=2)
+    large = ray.data.from_items([{"src": "large"}] * 1000, override_num_blocks=4)
     rows = mix_by_weight([(small, 100, 1.0), (large, 1000, 1.0)]).take_all()
     n_small = sum(r["src"] == "small" for r in rows)
     n_large = len(rows) - n_small
