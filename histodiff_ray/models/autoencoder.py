@@ -91,8 +91,7 @@ def adversarial_decoder_loss(x: torch.Tensor, recon: torch.Tensor, fake_logits: 
     the decoder only. Discriminator: the hinge loss on ``disc_logits``, its logits for the real tiles
     followed by those for the detached reconstructions. Returns (loss, reconstruction term, generator
     loss, discriminator loss, adaptive weight)."""
-    rec = (x - recon).abs().mean() + ((x - recon) ** 2).mean()
-    rec = rec + feature_matching * sum((f - r).abs().mean() for f, r in zip(fake_features, real_features)) / len(real_features)
+    rec = decoder_loss(x, recon)[0] + feature_matching * sum((f - r).abs().mean() for f, r in zip(fake_features, real_features)) / len(real_features)
     gen = -fake_logits.mean()
     weight = torch.zeros((), device=x.device)
     if gan_weight > 0:
