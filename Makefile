@@ -23,6 +23,8 @@ demo: setup
 	$(VENV)/bin/histodiff demo
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	RAY_AUTH_MODE=disabled $(VENV)/bin/python -m pytest
 
 clean:

@@ -54,19 +54,31 @@ def run_variant(cfg, splits, seed: int) -> dict:
     model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, 5, seed=seed)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     chosen = max(history, key=lambda r: r["val_macro_f1"])
-    row = {"val_every": cfg.downstream.val_every, "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1),
-           "steps": history[-1]["step"], "val_scores": len(history), "chosen_epoch": chosen["epoch"], "val_acc": chosen["val_acc"]}
+    row = {
+        "val_every": cfg.downstream.val_every,
+        "train_wall_s": round(wall, 1),
+        "train_cpu_s": round(cpu, 1),
+        "steps": history[-1]["step"],
+        "val_scores": len(history),
+        "chosen_epoch": chosen["epoch"],
+        "val_acc": chosen["val_acc"],
+    }
     for tta in (False, True):
         started = time.perf_counter()
         probs, _ = predict(model, test_x, tta=tta)
         name = "test_tta" if tta else "test"
-        row[f"{name}_acc"], row[f"{name}_scoring_s"] = float((probs.argmax(1) == test_y).mean()), round(time.perf_counter() - started, 1)
+        row[f"{name}_acc"], row[f"{name}_scoring_s"] = (
+            float((probs.argmax(1) == test_y).mean()),
+            round(time.perf_counter() - started, 1),
+        )
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiles", default=None, help="an ingested crc5 tile set at data.label_fraction=0.05 (default: ingest one)")
+    parser.add_argument(
+        "--tiles", default=None, help="an ingested crc5 tile set at data.label_fraction=0.05 (default: ingest one)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -83,8 +95,12 @@ def main() -> None:
             tiles = f"{tmp}/crc5"
             ingest(cfg, [str(DEFAULT_DATA)], tiles, labeled=True, progress=False)
         splits = load_splits(cfg, tiles)
-    results = {"machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
-               "labeled_tiles": int(len(splits[0][1])), "val_tiles": int(len(splits[1][1])), "test_tiles": int(len(splits[2][1]))}
+    results = {
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "labeled_tiles": int(len(splits[0][1])),
+        "val_tiles": int(len(splits[1][1])),
+        "test_tiles": int(len(splits[2][1])),
+    }
     baseline = load_config("cpu", ["downstream.val_every=1"])
     results["baseline"] = run_variant(baseline, splits, args.seed)
     results["ours"] = run_variant(cfg, splits, args.seed)

@@ -4,14 +4,14 @@
     .venv/bin/python bench/gpu_check.py --device cpu --config cpu --steps 3   # the same script, checked on a CPU
 
 1. **Training step, fp32 vs bf16:** the paper UNet (64×64×3 latents) forward + backward + fused
-   AdamW + EMA, as ``train/loops.py`` runs it (channels-last, bf16 autocast), at the profile's batch
+   AdamW + EMA, as ``train/diffusion.py`` runs it (channels-last, bf16 autocast), at the profile's batch
    and at 8; latents/s and the ratio.
 2. **Guided sampling:** tiles/s of classifier-guided generation (UNet + the paper's noise-aware
    guide + the VAE decoder) with DDIM at ``sampling.ddim_steps`` and DPM-Solver++ at 20 steps.
 3. **Peak GPU memory** of each part.
 4. **Resume after a killed step:** a child process trains the UNet on the device and checkpoints
    after every step (``write_checkpoint``); it is SIGKILLed in the middle of a step; this process
-   then resumes from the last checkpoint with ``place_and_restore`` (the loops' restart path:
+   then resumes from the last checkpoint with ``place_and_restore`` (the step runner's restart path:
    model on the device, then the optimizer, then the state) and takes two more steps.
 
 The models are built from the profile with random weights (nothing is downloaded); speed does not
@@ -42,7 +42,8 @@ from histodiff_ray.ldm import LatentDiffusion  # noqa: E402
 from histodiff_ray.models.autoencoder import build_autoencoder  # noqa: E402
 from histodiff_ray.models.classifier import build_classifier  # noqa: E402
 from histodiff_ray.models.unet import build_unet  # noqa: E402
-from histodiff_ray.train.loops import EMA, adamw, channels_last, place_and_restore, write_checkpoint  # noqa: E402
+from histodiff_ray.train.diffusion import EMA, channels_last  # noqa: E402
+from histodiff_ray.train.runner import adamw, place_and_restore, write_checkpoint  # noqa: E402
 
 
 def _sync(device):
@@ -63,7 +64,9 @@ def _peak_gib(device) -> str:
 def _unet(cfg, device):
     c = cfg.autoencoder.latent_channels
     side = cfg.data.tile_size // cfg.autoencoder.downsample_factor
-    return build_unet(cfg.unet, side, c, cfg.diffusion.num_train_timesteps).to(device, memory_format=torch.channels_last), (c, side)
+    return build_unet(cfg.unet, side, c, cfg.diffusion.num_train_timesteps).to(
+        device, memory_format=torch.channels_last
+    ), (c, side)
 
 
 def train_step(unet, ema, optimizer, schedule, z0, bf16: bool) -> float:
@@ -113,8 +116,15 @@ def bench_sampling(cfg, device, n: int) -> dict:
         _sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            z = ldm.sample(n, steps=steps, eta=cfg.sampling.eta, sampler=sampler, generator=generators,
-                           cond_fn=classifier_cond_fn(guide, labels), guidance_scale=cfg.sampling.guidance_scale)
+            z = ldm.sample(
+                n,
+                steps=steps,
+                eta=cfg.sampling.eta,
+                sampler=sampler,
+                generator=generators,
+                cond_fn=classifier_cond_fn(guide, labels),
+                guidance_scale=cfg.sampling.guidance_scale,
+            )
             ldm.decode(z.float())
         _sync(device)
         out[f"{sampler} {steps} steps"] = (n / (time.perf_counter() - start), _peak_gib(device))
@@ -145,8 +155,21 @@ def child(cfg, device, folder: str) -> None:
 
 def bench_resume(cfg, device, args) -> str:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
-        proc = subprocess.Popen([sys.executable, __file__, CHILD, folder, "--device", str(device), "--config", args.config,
-                                 *args.overrides], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                CHILD,
+                folder,
+                "--device",
+                str(device),
+                "--config",
+                args.config,
+                *args.overrides,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for line in proc.stdout:
             if int(line) >= 3:
                 break
@@ -159,15 +182,25 @@ def bench_resume(cfg, device, args) -> str:
         last = done[-1]
         unet, _ = _unet(cfg, torch.device("cpu"))  # built on the CPU, as a restarted worker builds it
         ema = EMA(unet, cfg.diffusion.ema_decay)
-        optimizer, state = place_and_restore({"unet": unet, "unet_ema": ema.model}, lambda: adamw(unet.parameters(), lr=cfg.diffusion.lr),
-                                             device, os.path.join(folder, last))
+        optimizer, state = place_and_restore(
+            {"unet": unet, "unet_ema": ema.model},
+            lambda: adamw(unet.parameters(), lr=cfg.diffusion.lr),
+            device,
+            os.path.join(folder, last),
+        )
         schedule = NoiseSchedule.from_config(cfg.diffusion)
         c, side = cfg.autoencoder.latent_channels, cfg.data.tile_size // cfg.autoencoder.downsample_factor
         z0 = torch.randn(2, c, side, side, device=device)
         losses = [train_step(unet, ema, optimizer, schedule, z0, cfg.diffusion.bf16) for _ in range(2)]
-        states = {t.device.type for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0}
+        states = {
+            t.device.type for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
+        }
         ok = all(torch.isfinite(torch.tensor(losses))) and states == {device.type}
-        return f"{'ok' if ok else 'FAILED'}: killed after step {state['step']}, resumed on {device.type}, 2 more steps, loss {losses[-1]:.3f}"
+        verdict = "ok" if ok else "FAILED"
+        return (
+            f"{verdict}: killed after step {state['step']}, resumed on {device.type}, 2 more steps, "
+            f"loss {losses[-1]:.3f}"
+        )
 
 
 def main() -> None:
@@ -192,8 +225,13 @@ def main() -> None:
     for batch in sorted({profile_batch, 8}):
         r = bench_training(cfg, device, batch, args.steps)
         rows.append((f"UNet training step, batch {batch}: fp32", f"{r['fp32'][0]:.1f} latents/s", r["fp32"][1]))
-        rows.append((f"UNet training step, batch {batch}: bf16", f"{r['bf16'][0]:.1f} latents/s ({r['bf16'][0] / r['fp32'][0]:.2f}x fp32)",
-                     r["bf16"][1]))
+        rows.append(
+            (
+                f"UNet training step, batch {batch}: bf16",
+                f"{r['bf16'][0]:.1f} latents/s ({r['bf16'][0] / r['fp32'][0]:.2f}x fp32)",
+                r["bf16"][1],
+            )
+        )
     for label, (rate, peak) in bench_sampling(cfg, device, args.samples).items():
         rows.append((f"classifier-guided sampling + decode, {label}", f"{rate:.2f} tiles/s", peak))
     rows.append(("resume after a killed step", bench_resume(cfg, device, args), "-"))

@@ -37,15 +37,35 @@ from histodiff_ray.storage import exists, open_location, read_bytes  # noqa: E40
 
 DATA = Path(os.environ.get("HISTODIFF_SHARED_DATA", REPO.parent / "shared" / "data"))
 SMOKE = [
-    "ray.use_gpu=false", "ray.num_workers=1", "ray.cpus_per_worker=0.5", "evaluate.gpus_per_run=0",
-    "evaluate.cpus_per_run=0.5", "evaluate.seeds=1", "data.label_fraction=1.0", "data.batch_size=2",
-    "autoencoder.max_steps=1", "autoencoder.gan_steps=1", "autoencoder.batch_size=1", "autoencoder.checkpoint_every=1",
+    "ray.use_gpu=false",
+    "ray.num_workers=1",
+    "ray.cpus_per_worker=0.5",
+    "evaluate.gpus_per_run=0",
+    "evaluate.cpus_per_run=0.5",
+    "evaluate.seeds=1",
+    "data.label_fraction=1.0",
+    "data.batch_size=2",
+    "autoencoder.max_steps=1",
+    "autoencoder.gan_steps=1",
+    "autoencoder.batch_size=1",
+    "autoencoder.checkpoint_every=1",
     "autoencoder.val_tiles=1",
-    "diffusion.max_steps=1", "diffusion.finetune_steps=1", "diffusion.batch_size=1", "diffusion.checkpoint_every=1",
-    "diffusion.warmup_steps=0", "diffusion.finetune_warmup_steps=0",
-    "classifier.max_steps=1", "classifier.batch_size=1", "classifier.checkpoint_every=1",
-    "generate.per_class=1", "generate.actors=1", "generate.threads_per_actor=1", "sampling.ddim_steps=2",
-    "selection.confidence_threshold=0.0", "downstream.epochs=1", "downstream.batch_size=2",
+    "diffusion.max_steps=1",
+    "diffusion.finetune_steps=1",
+    "diffusion.batch_size=1",
+    "diffusion.checkpoint_every=1",
+    "diffusion.warmup_steps=0",
+    "diffusion.finetune_warmup_steps=0",
+    "classifier.max_steps=1",
+    "classifier.batch_size=1",
+    "classifier.checkpoint_every=1",
+    "generate.per_class=1",
+    "generate.actors=1",
+    "generate.threads_per_actor=1",
+    "sampling.ddim_steps=2",
+    "selection.confidence_threshold=0.0",
+    "downstream.epochs=1",
+    "downstream.batch_size=2",
 ]
 
 
@@ -55,7 +75,7 @@ def crops(src: Path, out: Path, n: int) -> None:
     for path in sorted(src.glob("*.jpg"))[:n]:
         region = np.asarray(Image.open(path).convert("RGB"))
         for k, (y, x) in enumerate(((0, 0), (256, 256))):
-            Image.fromarray(region[y:y + 256, x:x + 256]).save(out / f"{path.stem}_{k}.png")
+            Image.fromarray(region[y : y + 256, x : x + 256]).save(out / f"{path.stem}_{k}.png")
 
 
 def main() -> None:
@@ -75,8 +95,13 @@ def main() -> None:
         for kind in ("classifier", "classifier_free"):
             cfg = load_config("paper", SMOKE + [f"guidance.kind={kind}"])
             assert (cfg.data.tile_size, cfg.autoencoder.latent_channels, cfg.diffusion.bf16) == (256, 3, True)
-            result = run_pipeline(cfg, labeled=str(root / "labeled"), unlabeled=[str(pool)], workdir=str(root / "work"),
-                                  title=f"paper profile smoke run ({kind})")
+            result = run_pipeline(
+                cfg,
+                labeled=str(root / "labeled"),
+                unlabeled=[str(pool)],
+                workdir=str(root / "work"),
+                title=f"paper profile smoke run ({kind})",
+            )
             summary = json.loads(read_bytes(open_location(result["synthetic"], cfg.storage).join("summary.json")))
             assert summary["tiles"] == 2, summary
             assert exists(open_location(result["report"], cfg.storage)), result

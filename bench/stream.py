@@ -210,8 +210,17 @@ class MemorySampler(threading.Thread):
             "worker_nice": sorted(self.worker_nice),
             "driver_nice": os.nice(0),
             # [seconds, summed RSS, summed PSS (~2 s), object store (~1 s), driver RSS, driver USS (~2 s)], MiB
-            "series": [[r["t"], mib(r["rss"]), mib(r["pss"]), mib(r.get("object_store")), mib(r["driver_rss"]),
-                        mib(r["driver_uss"])] for r in self.samples],
+            "series": [
+                [
+                    r["t"],
+                    mib(r["rss"]),
+                    mib(r["pss"]),
+                    mib(r.get("object_store")),
+                    mib(r["driver_rss"]),
+                    mib(r["driver_uss"]),
+                ]
+                for r in self.samples
+            ],
         }
 
 
@@ -232,8 +241,11 @@ def ray_selectors(not_ray: set[int]):
         return [me] + [p for p in descendants() if is_ray_worker(_cmdline(p))]
 
     def daemons():
-        return [p for p in descendants()
-                if p.pid not in not_ray and not is_ray_worker(_cmdline(p)) and "weed" not in _cmdline(p)]
+        return [
+            p
+            for p in descendants()
+            if p.pid not in not_ray and not is_ray_worker(_cmdline(p)) and "weed" not in _cmdline(p)
+        ]
 
     return workers, daemons
 
@@ -291,8 +303,10 @@ def load_tile_table(loc, manifest):
 
     from histodiff_ray.data.tiles import shard_paths
 
-    tables = [pq.read_table(p, columns=["tile_id", "image", "label"], filesystem=loc.filesystem)
-              for p in shard_paths(loc, manifest)]
+    tables = [
+        pq.read_table(p, columns=["tile_id", "image", "label"], filesystem=loc.filesystem)
+        for p in shard_paths(loc, manifest)
+    ]
     return pa.concat_tables(tables)
 
 
@@ -304,7 +318,7 @@ def upload_naive(fs, table, prefix: str, chunk: int = 1024) -> tuple[list[str], 
     labels = table.column("label").to_pylist()
     keys = [f"{prefix}/{tid}.png" for tid in ids]
     for start in range(0, len(keys), chunk):
-        fs.pipe({k: images[i] for i, k in enumerate(keys[start:start + chunk], start)})
+        fs.pipe({k: images[i] for i, k in enumerate(keys[start : start + chunk], start)})
     return keys, labels
 
 
@@ -410,7 +424,9 @@ def _naive_dataset_class():
                 import s3fs
 
                 self._fs = s3fs.S3FileSystem(
-                    key=self.key, secret=self.secret, skip_instance_cache=True,
+                    key=self.key,
+                    secret=self.secret,
+                    skip_instance_cache=True,
                     client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"},
                 )
                 self._pid = os.getpid()
@@ -482,11 +498,13 @@ def profile(naive_ds, keys, loc, manifest, n: int = 400) -> dict:
     table = pq.read_table(path, columns=["image", "label"], filesystem=loc.filesystem)
     t_read = time.perf_counter() - t
     rows = table.num_rows
-    batch = {"image": np.asarray(table.column("image").to_pylist(), dtype=object),
-             "label": table.column("label").to_numpy()}
+    batch = {
+        "image": np.asarray(table.column("image").to_pylist(), dtype=object),
+        "label": table.column("label").to_numpy(),
+    }
     t = time.perf_counter()
     for s in range(0, rows, 256):
-        decode_batch({k: v[s:s + 256] for k, v in batch.items()}, augment=True)
+        decode_batch({k: v[s : s + 256] for k, v in batch.items()}, augment=True)
     t_decode_batch = time.perf_counter() - t
     us = 1e6
     return {
@@ -512,8 +530,13 @@ def machine_info() -> dict:
         pass
     import psutil
 
-    return {"nproc": os.cpu_count(), "cpu_model": model, "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 class CpuAccount:
@@ -545,8 +568,11 @@ class CpuAccount:
 
     def stop(self) -> dict:
         busy, tree = self._busy() - self.start[0], self._tree() - self.start[1]
-        return {"machine_busy_cpu_s": round(busy, 1), "bench_cpu_s": round(tree, 1),
-                "other_cpu_s": round(max(busy - tree, 0.0), 1)}
+        return {
+            "machine_busy_cpu_s": round(busy, 1),
+            "bench_cpu_s": round(tree, 1),
+            "other_cpu_s": round(max(busy - tree, 0.0), 1),
+        }
 
 
 _WATCHDOG = r"""
@@ -571,8 +597,11 @@ def start_watchdog(server, tmp: Path):
     ``ray stop``). It waits on a pipe: a clean exit writes "done", a crash just closes it."""
     import subprocess
 
-    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(server._proc.pid), str(tmp),
-                             *map(str, server._ports)], stdin=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(server._proc.pid), str(tmp), *map(str, server._ports)],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _cpu_seconds(proc) -> float | None:
@@ -586,25 +615,33 @@ def _cpu_seconds(proc) -> float | None:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiles-per-class", type=int, default=None,
-                    help="ingest only the first N tiles (sorted by name) of each class; default: all")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--tiles-per-class",
+        type=int,
+        default=None,
+        help="ingest only the first N tiles (sorted by name) of each class; default: all",
+    )
     ap.add_argument("--json", default=None, help="write the results here as JSON")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help=f"labeled tile folder (default: {DEFAULT_DATA})")
     ap.add_argument("--copies", type=int, default=COPIES, help="how many times the big tile set repeats the shards")
     args = ap.parse_args(argv)
 
-    import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
     import psutil
+    import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
 
     def _term(signum, frame):
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _term)
 
-    results: dict = {"command": "python bench/stream.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                     "machine": machine_info(), "loadavg_start": os.getloadavg()}
+    results: dict = {
+        "command": "python bench/stream.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(),
+        "loadavg_start": os.getloadavg(),
+    }
     tmp = Path(tempfile.mkdtemp(prefix="histodiff-bench-stream-"))
     server = watchdog = None
     loader = None
@@ -632,9 +669,14 @@ def main(argv=None) -> dict:
         server.create_bucket(BUCKET)
         weed = psutil.Process(server._proc.pid)
         log(f"S3 server up at {server.endpoint_url} in {time.perf_counter() - t:.1f}s")
-        cfg = load_config("cpu", [f"storage.endpoint_url={server.endpoint_url}",
-                                  f"storage.access_key_id={server.access_key}",
-                                  f"storage.secret_access_key={server.secret_key}"])
+        cfg = load_config(
+            "cpu",
+            [
+                f"storage.endpoint_url={server.endpoint_url}",
+                f"storage.access_key_id={server.access_key}",
+                f"storage.secret_access_key={server.secret_key}",
+            ],
+        )
 
         # A private cluster: never join another user's `ray start` cluster on this machine.
         ray.init(address="local", include_dashboard=False, logging_level="WARNING")
@@ -651,18 +693,26 @@ def main(argv=None) -> dict:
         loc = open_location(f"s3://{BUCKET}/tiles", cfg.storage)
         manifest = require_manifest(loc)
         n_tiles = manifest["kept"]
-        results["setup"] = {"ingest_s": round(ingest_s, 1), "tiles": n_tiles, "shards": len(manifest["shards"]),
-                            "quarantined": len(manifest["quarantined"]), "shard_bytes": object_bytes(loc, manifest)}
-        log(f"ingested {n_tiles} tiles into {len(manifest['shards'])} shard(s) in {ingest_s:.1f}s "
-            f"({results['setup']['shard_bytes'] / 2**20:.1f} MiB)")
+        results["setup"] = {
+            "ingest_s": round(ingest_s, 1),
+            "tiles": n_tiles,
+            "shards": len(manifest["shards"]),
+            "quarantined": len(manifest["quarantined"]),
+            "shard_bytes": object_bytes(loc, manifest),
+        }
+        log(
+            f"ingested {n_tiles} tiles into {len(manifest['shards'])} shard(s) in {ingest_s:.1f}s "
+            f"({results['setup']['shard_bytes'] / 2**20:.1f} MiB)"
+        )
 
         t = time.perf_counter()
         table = load_tile_table(loc, manifest)
         keys, labels = upload_naive(loc.fsspec(), table, f"{BUCKET}/naive")
         png_bytes = sum(len(b) for b in table.column("image").to_pylist())
         del table
-        results["setup"].update(naive_objects=len(keys), naive_png_bytes=png_bytes,
-                                naive_upload_s=round(time.perf_counter() - t, 1))
+        results["setup"].update(
+            naive_objects=len(keys), naive_png_bytes=png_bytes, naive_upload_s=round(time.perf_counter() - t, 1)
+        )
         log(f"uploaded {len(keys)} naive objects ({png_bytes / 2**20:.1f} MiB) in {time.perf_counter() - t:.1f}s")
 
         t = time.perf_counter()
@@ -672,8 +722,10 @@ def main(argv=None) -> dict:
         big["seconds"] = round(time.perf_counter() - t, 1)
         results["setup"]["big_set"] = big
         save()
-        log(f"{args.copies}x set: {big['shards']} shard objects, {big['tiles']} tiles, "
-            f"{big['shard_bytes'] / 2**20:.1f} MiB ({big['copy_method']}) in {big['seconds']}s")
+        log(
+            f"{args.copies}x set: {big['shards']} shard objects, {big['tiles']} tiles, "
+            f"{big['shard_bytes'] / 2**20:.1f} MiB ({big['copy_method']}) in {big['seconds']}s"
+        )
 
         workers, daemons = ray_selectors({weed.pid, watchdog.pid})
         try:
@@ -693,9 +745,11 @@ def main(argv=None) -> dict:
         ours["cpu"] = acct.stop()
         results["ours"] = ours
         save()
-        log(f"ours: {ours['tiles']} tiles in {ours['seconds']}s = {ours['tiles_per_s']} tiles/s "
+        log(
+            f"ours: {ours['tiles']} tiles in {ours['seconds']}s = {ours['tiles_per_s']} tiles/s "
             f"({ours['tiles_per_s_incl_creation']} incl. dataset creation); peak RSS "
-            f"{mib(ours['memory']['peak_rss_bytes'])} MiB")
+            f"{mib(ours['memory']['peak_rss_bytes'])} MiB"
+        )
         assert ours["tiles"] == n_tiles, (ours["tiles"], n_tiles)
         log(f"ours: streaming the {args.copies}x set (memory sampled)")
         gc.collect()
@@ -704,15 +758,18 @@ def main(argv=None) -> dict:
         ours_big["cpu"] = acct.stop()
         results["ours_big"] = ours_big
         save()
-        log(f"ours {args.copies}x: {ours_big['tiles']} tiles in {ours_big['seconds']}s = "
-            f"{ours_big['tiles_per_s']} tiles/s; peak RSS {mib(ours_big['memory']['peak_rss_bytes'])} MiB")
+        log(
+            f"ours {args.copies}x: {ours_big['tiles']} tiles in {ours_big['seconds']}s = "
+            f"{ours_big['tiles_per_s']} tiles/s; peak RSS {mib(ours_big['memory']['peak_rss_bytes'])} MiB"
+        )
         assert ours_big["tiles"] == n_tiles * args.copies, (ours_big["tiles"], n_tiles * args.copies)
 
         # ---- (b) naive
         NaiveTiles = _naive_dataset_class()
         naive_ds = NaiveTiles(keys, labels, server.endpoint_url, server.access_key, server.secret_key)
-        loader = torch.utils.data.DataLoader(naive_ds, batch_size=BATCH, num_workers=NAIVE_WORKERS, shuffle=True,
-                                             persistent_workers=True)
+        loader = torch.utils.data.DataLoader(
+            naive_ds, batch_size=BATCH, num_workers=NAIVE_WORKERS, shuffle=True, persistent_workers=True
+        )
         log(f"naive: warm-up ({WARMUP_TILES} tiles)")
         results["naive_warmup"] = stream_naive(loader, max_batches=WARMUP_TILES // BATCH)
         gc.collect()
@@ -746,7 +803,9 @@ def main(argv=None) -> dict:
             # same per-tile work, a longer stream: start-up amortised on our side
             f"ratio_ours_{args.copies}x_over_naive": round(ours_big["tiles_per_s"] / naive["tiles_per_s"], 2),
             "other_cpu_share_ours": round(ours["cpu"]["other_cpu_s"] / max(ours["cpu"]["machine_busy_cpu_s"], 1e-9), 2),
-            "other_cpu_share_naive": round(naive["cpu"]["other_cpu_s"] / max(naive["cpu"]["machine_busy_cpu_s"], 1e-9), 2),
+            "other_cpu_share_naive": round(
+                naive["cpu"]["other_cpu_s"] / max(naive["cpu"]["machine_busy_cpu_s"], 1e-9), 2
+            ),
             "peak_rss_mib_1x": mib(m1["peak_rss_bytes"]),
             f"peak_rss_mib_{args.copies}x": mib(m10["peak_rss_bytes"]),
             "peak_rss_ratio": round(m10["peak_rss_bytes"] / m1["peak_rss_bytes"], 2),

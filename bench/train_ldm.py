@@ -4,7 +4,7 @@
 
 * ours: the step `histodiff pretrain` runs — latents come from the latent cache (encoded once by
   `histodiff encode-latents`), UNet forward/backward on them in channels-last layout, fused AdamW,
-  a multi-tensor EMA update (the same helpers as histodiff_ray/train/loops.py).
+  a multi-tensor EMA update (the same helpers as histodiff_ray/train/diffusion.py).
 * baseline: the loop of diffusers' examples/unconditional_image_generation/train_unconditional.py
   adapted to latents, as most LDM fine-tuning scripts do it — every step decodes the tiles,
   normalises them, runs the VAE encoder (no grad, fp32), samples the posterior, then the same UNet
@@ -57,7 +57,8 @@ def run_variant(variant: str, steps: int, batch: int, config: str, overrides: li
     from histodiff_ray.diffusion.schedule import NoiseSchedule
     from histodiff_ray.models.autoencoder import build_autoencoder
     from histodiff_ray.models.unet import build_unet
-    from histodiff_ray.train.loops import EMA, adamw, channels_last
+    from histodiff_ray.train.diffusion import EMA, channels_last
+    from histodiff_ray.train.runner import adamw
 
     cfg = load_config(config, overrides)
     torch.manual_seed(0)
@@ -79,7 +80,7 @@ def run_variant(variant: str, steps: int, batch: int, config: str, overrides: li
     pngs = load_tiles(batch * 4, cfg.data.tile_size)
 
     def pixels(i: int) -> torch.Tensor:
-        chunk = pngs[(i * batch) % len(pngs):][:batch]
+        chunk = pngs[(i * batch) % len(pngs) :][:batch]
         arr = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in chunk])
         return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -113,8 +114,12 @@ def run_variant(variant: str, steps: int, batch: int, config: str, overrides: li
     for i in range(steps):
         step(i)
     seconds = time.perf_counter() - start
-    result = {"variant": variant, "samples_per_s": steps * batch / seconds, "step_s": seconds / steps,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {
+        "variant": variant,
+        "samples_per_s": steps * batch / seconds,
+        "step_s": seconds / steps,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     if variant == "ours":
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -129,9 +134,10 @@ def run_variant(variant: str, steps: int, batch: int, config: str, overrides: li
 
 def cpu_peak_gflops() -> tuple[float, str]:
     text = Path("/proc/cpuinfo").read_text()
-    flags = next((l for l in text.splitlines() if l.startswith("flags")), "")
-    mhz = [float(l.split(":")[1]) for l in text.splitlines() if l.startswith("cpu MHz")]
-    model = next((l.split(":")[1].strip() for l in text.splitlines() if l.startswith("model name")), "unknown CPU")
+    lines = text.splitlines()
+    flags = next((line for line in lines if line.startswith("flags")), "")
+    mhz = [float(line.split(":")[1]) for line in lines if line.startswith("cpu MHz")]
+    model = next((line.split(":")[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
     ghz = (max(mhz) if mhz else 2000.0) / 1000
     # fp32 FLOPs per cycle per core: two FMA units × vector lanes × 2 (multiply + add).
     per_cycle = 64 if " avx512f" in flags else 32 if " fma" in flags else 8
@@ -143,7 +149,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=None, help="default: the profile's data.batch_size")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating ours/baseline rounds; the median is reported")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating ours/baseline rounds; the median is reported"
+    )
     parser.add_argument("--config", default="cpu")
     parser.add_argument("--variant", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
@@ -160,21 +168,39 @@ def main() -> None:
     for r in range(args.rounds):
         results = {}
         for variant in ("ours", "baseline"):
-            cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--config", args.config, *args.overrides]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--config",
+                args.config,
+                *args.overrides,
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results[variant] = json.loads(out.strip().splitlines()[-1])
         ratio = results["ours"]["samples_per_s"] / results["baseline"]["samples_per_s"]
         rounds.append((ratio, results))
-        print(f"round {r + 1}: ours {results['ours']['samples_per_s']:6.1f}, baseline {results['baseline']['samples_per_s']:6.1f} "
-              f"latent samples/s (batch {args.batch}): {ratio:.2f}x", flush=True)
+        print(
+            f"round {r + 1}: ours {results['ours']['samples_per_s']:6.1f}, baseline "
+            f"{results['baseline']['samples_per_s']:6.1f} "
+            f"latent samples/s (batch {args.batch}): {ratio:.2f}x",
+            flush=True,
+        )
     ratio, results = sorted(rounds, key=lambda x: x[0])[len(rounds) // 2]
     ours, base = results["ours"], results["baseline"]
     peak, how = cpu_peak_gflops()
     print(f"ratio ours/baseline, median of {len(rounds)} rounds: {ratio:.2f}x (goal >= 2x)")
     print(f"peak RSS: ours {ours['peak_rss_mb']:.0f} MB, baseline {base['peak_rss_mb']:.0f} MB")
-    print(f"UNet train step: {ours['unet_step_gflop']:.1f} GFLOP, {ours['unet_gflops_achieved']:.1f} GFLOP/s achieved "
-          f"= {100 * ours['unet_gflops_achieved'] / peak:.1f}% of the fp32 peak {peak:.0f} GFLOP/s ({how})")
+    print(
+        f"UNet train step: {ours['unet_step_gflop']:.1f} GFLOP, {ours['unet_gflops_achieved']:.1f} GFLOP/s achieved "
+        f"= {100 * ours['unet_gflops_achieved'] / peak:.1f}% of the fp32 peak {peak:.0f} GFLOP/s ({how})"
+    )
+
 
 if __name__ == "__main__":
     main()

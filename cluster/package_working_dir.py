@@ -59,8 +59,12 @@ def build(output: Path, repo: Path = REPO) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", nargs="?", default=str(REPO / "build" / "histodiff-working-dir.zip"),
-                        help="zip to write (default: build/histodiff-working-dir.zip)")
+    parser.add_argument(
+        "output",
+        nargs="?",
+        default=str(REPO / "build" / "histodiff-working-dir.zip"),
+        help="zip to write (default: build/histodiff-working-dir.zip)",
+    )
     args = parser.parse_args(argv)
     out = build(Path(args.output))
     with zipfile.ZipFile(out) as zf:

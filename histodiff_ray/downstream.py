@@ -48,8 +48,9 @@ def to_tensor(tiles: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def classic_augment(x: torch.Tensor, generator: torch.Generator, colour: bool = True, stain: float = 0.05,
-                    jitter: float = 0.1) -> torch.Tensor:
+def classic_augment(
+    x: torch.Tensor, generator: torch.Generator, colour: bool = True, stain: float = 0.05, jitter: float = 0.1
+) -> torch.Tensor:
     """Augmentation for H&E tiles in [-1, 1]. Always a random rotation by k·90° and flip (tissue has
     no orientation: every arm of an evaluation gets it). With ``colour``: HED stain jitter of ±``stain``
     (Tellez et al. 2019), then brightness / contrast / saturation jitter of ±``jitter`` (scanner
@@ -70,14 +71,16 @@ def classic_augment(x: torch.Tensor, generator: torch.Generator, colour: bool = 
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, tiles: np.ndarray, batch_size: int = 256, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: torch.nn.Module, tiles: np.ndarray, batch_size: int = 256, tta: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (N×K) and penultimate features (N×D) of uint8 tiles. With ``tta``, both
     are averaged over the tile's eight rotations and flips (test-time augmentation: 8× the cost)."""
     model.eval()
     device = next(model.parameters()).device
     probs, feats = [], []
     for start in range(0, len(tiles), batch_size):
-        x = to_tensor(tiles[start:start + batch_size]).to(device)
+        x = to_tensor(tiles[start : start + batch_size]).to(device)
         p = f = 0
         views = range(8) if tta else [0]
         for k in views:
@@ -86,8 +89,10 @@ def predict(model: torch.nn.Module, tiles: np.ndarray, batch_size: int = 256, tt
         probs.append(p.float().cpu().numpy())
         feats.append(f.float().cpu().numpy())
     k = model.num_classes
-    return (np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
-            np.concatenate(feats) if feats else np.zeros((0, model.num_features), np.float32))
+    return (
+        np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
+        np.concatenate(feats) if feats else np.zeros((0, model.num_features), np.float32),
+    )
 
 
 def index_batches(n: int, size: int, generator: torch.Generator):
@@ -108,10 +113,19 @@ def step_budget(cfg: DownstreamConfig, budget_tiles: int) -> tuple[int, int]:
     return batch, math.ceil(budget_tiles / batch)
 
 
-def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                          cfg: DownstreamConfig, num_classes: int, seed: int, colour_augment: bool = True,
-                          budget_tiles: int | None = None, init: torch.nn.Module | None = None,
-                          log=None) -> tuple[torch.nn.Module, list[dict]]:
+def train_tile_classifier(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    cfg: DownstreamConfig,
+    num_classes: int,
+    seed: int,
+    colour_augment: bool = True,
+    budget_tiles: int | None = None,
+    init: torch.nn.Module | None = None,
+    log=None,
+) -> tuple[torch.nn.Module, list[dict]]:
     """Train on uint8 tiles; returns the model at its best val macro-F1 epoch and the history.
 
     The budget is optimizer steps, not tiles: an *epoch* is ceil(``budget_tiles`` / batch size)
@@ -130,12 +144,16 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
     device = default_device()
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    x_all, y_all = to_tensor(train_x), torch.from_numpy(np.array(train_y, dtype=np.int64))  # a copy: Ray hands out read-only arrays
+    x_all, y_all = (
+        to_tensor(train_x),
+        torch.from_numpy(np.array(train_y, dtype=np.int64)),
+    )  # a copy: Ray hands out read-only arrays
     batch, steps_per_epoch = step_budget(cfg, budget_tiles or len(x_all))
     # One-cycle LR over the whole budget (warm-up, then cosine annealing to ~0): with a few hundred
     # labels a constant LR leaves the val score noisy from epoch to epoch.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                   pct_start=0.15)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
     batches = index_batches(len(x_all), batch, g)
     best, best_state, history, since_best = -1.0, None, [], 0
     for epoch in range(1, cfg.epochs + 1):
@@ -155,8 +173,13 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
             continue
         probs, _ = predict(model, val_x)
         pred = probs.argmax(1)
-        row = {"epoch": epoch, "step": epoch * steps_per_epoch, "loss": float(np.mean(losses)),
-               "val_acc": float(np.mean(pred == val_y)), "val_macro_f1": macro_f1(val_y, pred, num_classes)}
+        row = {
+            "epoch": epoch,
+            "step": epoch * steps_per_epoch,
+            "loss": float(np.mean(losses)),
+            "val_acc": float(np.mean(pred == val_y)),
+            "val_macro_f1": macro_f1(val_y, pred, num_classes),
+        }
         history.append(row)
         if log:
             log(row)
@@ -171,15 +194,28 @@ def train_tile_classifier(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
     return model, history
 
 
-def save_tile_classifier(model: torch.nn.Module, arch: str, classes: list[str], tile_size: int, folder: str,
-                         extra: dict | None = None) -> None:
+def save_tile_classifier(
+    model: torch.nn.Module, arch: str, classes: list[str], tile_size: int, folder: str, extra: dict | None = None
+) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        os.path.join(folder, "model.safetensors"),
+    )
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"architecture": arch, "num_classes": len(classes), "classes": classes, "tile_size": tile_size, **(extra or {})},
-                  f, indent=1)
+        json.dump(
+            {
+                "architecture": arch,
+                "num_classes": len(classes),
+                "classes": classes,
+                "tile_size": tile_size,
+                **(extra or {}),
+            },
+            f,
+            indent=1,
+        )
 
 
 def load_tile_classifier(folder: str) -> tuple[torch.nn.Module, dict]:

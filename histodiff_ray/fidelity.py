@@ -37,8 +37,13 @@ import torch.nn.functional as F
 
 from histodiff_ray.config import Config
 from histodiff_ray.data.tiles import decode_images, load_tile_table, require_manifest
-from histodiff_ray.downstream import (load_tile_classifier, predict, save_tile_classifier, to_tensor,
-                                      train_tile_classifier)
+from histodiff_ray.downstream import (
+    load_tile_classifier,
+    predict,
+    save_tile_classifier,
+    to_tensor,
+    train_tile_classifier,
+)
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.metrics import fid, kid, precision_recall
 from histodiff_ray.storage import download_dir, exists, open_location, read_bytes, upload_dir, write_atomic
@@ -50,15 +55,18 @@ C2ST_MIN_TILES = 20  # tiles of each side (after balancing) below which a C2ST i
 
 # --- oracle ----------------------------------------------------------------------------------------
 
+
 def oracle_note(oracle: dict) -> str:
     """The sentence that says what the oracle is and why measuring with it is fair."""
-    return (f"Oracle: a {oracle['architecture']} tile classifier trained on all {oracle['train_tiles']} train tiles "
-            "of the tile set with their labels (more labels than the method gets: data.label_fraction does not "
-            f"apply to it), epoch chosen on val (val accuracy {oracle['val_acc']:.3f}, "
-            f"macro-F1 {oracle['val_macro_f1']:.3f}). "
-            "It is a measuring instrument only: it never feeds the generator, the guidance, the selection or any model "
-            "choice, and it reads val only to choose its own epoch, never the test split. Its extra labels make it a "
-            "stricter, independent judge of the synthetic tiles, not a help to them.")
+    return (
+        f"Oracle: a {oracle['architecture']} tile classifier trained on all {oracle['train_tiles']} train tiles "
+        "of the tile set with their labels (more labels than the method gets: data.label_fraction does not "
+        f"apply to it), epoch chosen on val (val accuracy {oracle['val_acc']:.3f}, "
+        f"macro-F1 {oracle['val_macro_f1']:.3f}). "
+        "It is a measuring instrument only: it never feeds the generator, the guidance, the selection or any model "
+        "choice, and it reads val only to choose its own epoch, never the test split. Its extra labels make it a "
+        "stricter, independent judge of the synthetic tiles, not a help to them."
+    )
 
 
 def _tiles_digest(manifest: dict) -> str:
@@ -76,11 +84,14 @@ def train_or_load_oracle(cfg: Config, tiles: str, oracle: str) -> tuple[torch.nn
         config = json.loads(read_bytes(oracle_loc.join("config.json")))
         summary = config.get("oracle")
         if summary is None:
-            raise HistodiffError(f"{oracle} holds a tile classifier that is not a fidelity oracle; "
-                                 "use another --oracle folder")
+            raise HistodiffError(
+                f"{oracle} holds a tile classifier that is not a fidelity oracle; use another --oracle folder"
+            )
         if summary["tiles_digest"] != digest:
-            raise HistodiffError(f"the oracle at {oracle} was trained on another tile set ({summary['tiles']}); "
-                                 f"use another --oracle folder for {tiles}")
+            raise HistodiffError(
+                f"the oracle at {oracle} was trained on another tile set ({summary['tiles']}); "
+                f"use another --oracle folder for {tiles}"
+            )
         with tempfile.TemporaryDirectory(prefix="oracle-") as tmp:
             model, _ = load_tile_classifier(download_dir(oracle_loc, tmp))
         print(f"[fidelity] reusing the oracle at {oracle_loc.uri} (val accuracy {summary['val_acc']:.3f})", flush=True)
@@ -93,19 +104,33 @@ def train_or_load_oracle(cfg: Config, tiles: str, oracle: str) -> tuple[torch.nn
     train_x, train_y = train_x[train_y >= 0], train_y[train_y >= 0]
     missing = [classes[k] for k in range(len(classes)) if not np.any(train_y == k)]
     if not classes or missing or len(val_y) == 0:
-        raise HistodiffError(f"fidelity: {tiles} needs labeled train tiles of every class and val tiles to train an "
-                             f"oracle (classes without train tiles: {missing or 'none'}; val tiles: {len(val_y)})")
+        raise HistodiffError(
+            f"fidelity: {tiles} needs labeled train tiles of every class and val tiles to train an "
+            f"oracle (classes without train tiles: {missing or 'none'}; val tiles: {len(val_y)})"
+        )
 
     def log(row):
-        print(f"[oracle] epoch {row['epoch']}/{cfg.downstream.epochs}: loss {row['loss']:.3f}, "
-              f"val acc {row['val_acc']:.3f}, val macro-F1 {row['val_macro_f1']:.3f}", flush=True)
+        print(
+            f"[oracle] epoch {row['epoch']}/{cfg.downstream.epochs}: loss {row['loss']:.3f}, "
+            f"val acc {row['val_acc']:.3f}, val macro-F1 {row['val_macro_f1']:.3f}",
+            flush=True,
+        )
 
-    model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, len(classes), seed=cfg.seed,
-                                           log=log)
+    model, history = train_tile_classifier(
+        train_x, train_y, val_x, val_y, cfg.downstream, len(classes), seed=cfg.seed, log=log
+    )
     best = max(history, key=lambda r: r["val_macro_f1"])
-    summary = {"tiles": tiles_loc.uri, "tiles_digest": digest, "classes": classes, "architecture": cfg.downstream.arch,
-               "train_tiles": int(len(train_y)), "val_tiles": int(len(val_y)), "best_epoch": best["epoch"],
-               "val_acc": best["val_acc"], "val_macro_f1": best["val_macro_f1"]}
+    summary = {
+        "tiles": tiles_loc.uri,
+        "tiles_digest": digest,
+        "classes": classes,
+        "architecture": cfg.downstream.arch,
+        "train_tiles": int(len(train_y)),
+        "val_tiles": int(len(val_y)),
+        "best_epoch": best["epoch"],
+        "val_acc": best["val_acc"],
+        "val_macro_f1": best["val_macro_f1"],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         save_tile_classifier(model, cfg.downstream.arch, classes, int(train_x.shape[1]), tmp, extra={"oracle": summary})
         with open(os.path.join(tmp, "history.json"), "w") as f:
@@ -124,19 +149,30 @@ def oracle_agreement(pred: np.ndarray, target: np.ndarray, num_classes: int) -> 
 
 # --- classifier two-sample test --------------------------------------------------------------------
 
+
 def _c2st_net() -> torch.nn.Module:
     """Three strided convolutions and a linear layer (~15k weights): enough to see colour, texture
     and sharpness, small enough to train in seconds on one CPU thread."""
     nn = torch.nn
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 1))
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 1),
+    )
 
 
-def _balanced(real_groups: np.ndarray, fake_groups: np.ndarray,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _balanced(
+    real_groups: np.ndarray, fake_groups: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices with as many real as fake tiles in every group: the larger side is subsampled."""
     real_idx, fake_idx = [], []
     for g in np.intersect1d(real_groups, fake_groups):
@@ -148,8 +184,9 @@ def _balanced(real_groups: np.ndarray, fake_groups: np.ndarray,
     return (np.concatenate(real_idx) if real_idx else empty), (np.concatenate(fake_idx) if fake_idx else empty)
 
 
-def _c2st_fit_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, *, seed: int, steps: int,
-                      batch_size: int) -> torch.Tensor:
+def _c2st_fit_predict(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, *, seed: int, steps: int, batch_size: int
+) -> torch.Tensor:
     """Train :func:`_c2st_net` for ``steps`` optimizer steps; its 0/1 predictions on ``test_x``."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -162,7 +199,7 @@ def _c2st_fit_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
     while done < steps:
         order = torch.randperm(len(train_x), generator=g)
         for start in range(0, len(order) - 1, batch_size):  # - 1: BatchNorm needs batches of two or more
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             loss = F.binary_cross_entropy_with_logits(model(train_x[idx]).squeeze(1), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -173,12 +210,20 @@ def _c2st_fit_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
                 break
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(test_x[s:s + 256]).squeeze(1) > 0 for s in range(0, len(test_x), 256)]).float()
+        return torch.cat([model(test_x[s : s + 256]).squeeze(1) > 0 for s in range(0, len(test_x), 256)]).float()
 
 
-def c2st(real: np.ndarray, fake: np.ndarray, *, real_groups: np.ndarray | None = None,
-         fake_groups: np.ndarray | None = None, seed: int = 0, steps: int = C2ST_STEPS, batch_size: int = 64,
-         min_tiles: int = C2ST_MIN_TILES) -> dict | None:
+def c2st(
+    real: np.ndarray,
+    fake: np.ndarray,
+    *,
+    real_groups: np.ndarray | None = None,
+    fake_groups: np.ndarray | None = None,
+    seed: int = 0,
+    steps: int = C2ST_STEPS,
+    batch_size: int = 64,
+    min_tiles: int = C2ST_MIN_TILES,
+) -> dict | None:
     """Classifier two-sample test on uint8 N×H×W×3 tiles (Lopez-Paz & Oquab 2017).
 
     Both sides are first cut to equal counts by subsampling the larger one, within each group when
@@ -200,39 +245,44 @@ def c2st(real: np.ndarray, fake: np.ndarray, *, real_groups: np.ndarray | None =
         return None
     real_idx, fake_idx = rng.permutation(real_idx), rng.permutation(fake_idx)
     half = n // 2
-    x = to_tensor(np.concatenate([real[real_idx[:half]], fake[fake_idx[:half]],
-                                  real[real_idx[half:]], fake[fake_idx[half:]]]))
+    x = to_tensor(
+        np.concatenate([real[real_idx[:half]], fake[fake_idx[:half]], real[real_idx[half:]], fake[fake_idx[half:]]])
+    )
     y = torch.cat([torch.zeros(half), torch.ones(half), torch.zeros(n - half), torch.ones(n - half)])
     # One thread: this net is too small to gain from intra-op threads, and on a busy machine their
     # synchronisation made it ~30x slower (300 s instead of 11 s with 2 threads on 2 shared cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pred = _c2st_fit_predict(x[:2 * half], y[:2 * half], x[2 * half:], seed=seed, steps=steps,
-                                 batch_size=batch_size)
+        pred = _c2st_fit_predict(
+            x[: 2 * half], y[: 2 * half], x[2 * half :], seed=seed, steps=steps, batch_size=batch_size
+        )
     finally:
         torch.set_num_threads(threads)
-    test_y = y[2 * half:]
+    test_y = y[2 * half :]
     correct, total = int((pred == test_y).sum()), len(test_y)
     # P(at least `correct` right | each test tile a fair coin): exact binomial tail.
-    p_value = sum(math.comb(total, k) for k in range(correct, total + 1)) / 2 ** total
+    p_value = sum(math.comb(total, k) for k in range(correct, total + 1)) / 2**total
     return {"accuracy": correct / total, "p_value": p_value, "n_per_side": n, "n_test": total}
 
 
 # --- one synthetic set -----------------------------------------------------------------------------
 
+
 def load_kept_synthetic(cfg: Config, uri: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every kept tile of a generate output, as selected in its ``index.parquet``: (uint8 tiles,
     labels) in class and tile order, and the number of tiles generated per class."""
-    from histodiff_ray.generate import read_tile_images
+    from histodiff_ray.data.synthetic import read_tile_images
 
     out = open_location(uri, cfg.storage)
     try:
-        index = pq.read_table(io.BytesIO(read_bytes(out.join("index.parquet"))),
-                              columns=["tile_id", "label", "shard", "kept", "index"])
+        index = pq.read_table(
+            io.BytesIO(read_bytes(out.join("index.parquet"))), columns=["tile_id", "label", "shard", "kept", "index"]
+        )
     except FileNotFoundError:
-        raise HistodiffError(f"{uri} holds no finished synthetic set (index.parquet is missing); "
-                             "run `histodiff generate` first") from None
+        raise HistodiffError(
+            f"{uri} holds no finished synthetic set (index.parquet is missing); run `histodiff generate` first"
+        ) from None
     set_classes = json.loads(read_bytes(out.join("plan.json")))["classes"]
     if set_classes != classes:
         raise HistodiffError(f"the synthetic set at {uri} has classes {set_classes}, the tile set has {classes}")
@@ -243,9 +293,20 @@ def load_kept_synthetic(cfg: Config, uri: str, classes: list[str]) -> tuple[np.n
     return tiles, kept.column("label").to_numpy().astype(np.int64), generated
 
 
-def measure_set(real_x: np.ndarray, real_y: np.ndarray, real_features: np.ndarray, fake_x: np.ndarray,
-                fake_y: np.ndarray, fake_features: np.ndarray, fake_pred: np.ndarray, generated: np.ndarray,
-                classes: list[str], *, seed: int = 0, c2st_min_tiles: int = C2ST_MIN_TILES) -> dict[str, dict]:
+def measure_set(
+    real_x: np.ndarray,
+    real_y: np.ndarray,
+    real_features: np.ndarray,
+    fake_x: np.ndarray,
+    fake_y: np.ndarray,
+    fake_features: np.ndarray,
+    fake_pred: np.ndarray,
+    generated: np.ndarray,
+    classes: list[str],
+    *,
+    seed: int = 0,
+    c2st_min_tiles: int = C2ST_MIN_TILES,
+) -> dict[str, dict]:
     """The fidelity numbers of one synthetic set, per class name and over ``"all"`` classes; a number
     that the tile counts do not allow (too few tiles) is None."""
     agreement, overall_agreement = oracle_agreement(fake_pred, fake_y, len(classes))
@@ -254,9 +315,17 @@ def measure_set(real_x: np.ndarray, real_y: np.ndarray, real_features: np.ndarra
         r_mask = np.ones(len(real_y), bool) if c is None else real_y == c
         f_mask = np.ones(len(fake_y), bool) if c is None else fake_y == c
         r, f = real_features[r_mask], fake_features[f_mask]
-        row = {"generated": int(generated.sum() if c is None else generated[c]), "kept": int(f_mask.sum()),
-               "real_val": int(r_mask.sum()), "oracle_agreement": overall_agreement if c is None else agreement[c],
-               "precision": None, "recall": None, "fid": None, "kid": None, "kid_sd": None}
+        row = {
+            "generated": int(generated.sum() if c is None else generated[c]),
+            "kept": int(f_mask.sum()),
+            "real_val": int(r_mask.sum()),
+            "oracle_agreement": overall_agreement if c is None else agreement[c],
+            "precision": None,
+            "recall": None,
+            "fid": None,
+            "kid": None,
+            "kid_sd": None,
+        }
         if len(r) > KNN_K and len(f) > KNN_K:
             row["precision"], row["recall"] = precision_recall(r, f, k=KNN_K)
         if len(r) >= 2 and len(f) >= 2:
@@ -269,8 +338,15 @@ def measure_set(real_x: np.ndarray, real_y: np.ndarray, real_features: np.ndarra
     return rows
 
 
-def fidelity(cfg: Config, tiles: str, synthetic: dict[str, str], oracle: str, output: str, *,
-             c2st_min_tiles: int = C2ST_MIN_TILES) -> dict:
+def fidelity(
+    cfg: Config,
+    tiles: str,
+    synthetic: dict[str, str],
+    oracle: str,
+    output: str,
+    *,
+    c2st_min_tiles: int = C2ST_MIN_TILES,
+) -> dict:
     """Measure each synthetic set (name → generate output) against the real val tiles of ``tiles``
     with the oracle in ``oracle`` (trained there first when absent); writes OUT/fidelity.json and
     OUT/fidelity.md and returns the result."""
@@ -286,22 +362,44 @@ def fidelity(cfg: Config, tiles: str, synthetic: dict[str, str], oracle: str, ou
     for name, uri in synthetic.items():
         syn_x, syn_y, generated = load_kept_synthetic(cfg, uri, classes)
         if len(syn_x) and syn_x.shape[1:] != val_x.shape[1:]:
-            raise HistodiffError(f"the synthetic set at {uri} has {syn_x.shape[1]} px tiles, "
-                                 f"the tile set {val_x.shape[1]} px")
+            raise HistodiffError(
+                f"the synthetic set at {uri} has {syn_x.shape[1]} px tiles, the tile set {val_x.shape[1]} px"
+            )
         probs, features = predict(model, syn_x)
         print(f"[fidelity] {name}: {len(syn_y)} kept of {int(generated.sum())} generated tiles", flush=True)
-        per_class = measure_set(val_x, val_y, val_features, syn_x, syn_y, features, probs.argmax(1), generated, classes,
-                                seed=cfg.seed, c2st_min_tiles=c2st_min_tiles)
+        per_class = measure_set(
+            val_x,
+            val_y,
+            val_features,
+            syn_x,
+            syn_y,
+            features,
+            probs.argmax(1),
+            generated,
+            classes,
+            seed=cfg.seed,
+            c2st_min_tiles=c2st_min_tiles,
+        )
         sets[name] = {"uri": open_location(uri, cfg.storage).uri, "per_class": per_class}
     result = {
-        "tiles": tiles_loc.uri, "classes": classes, "real_val_tiles": int(len(val_y)),
-        "oracle": {"path": open_location(oracle, cfg.storage).uri, "reused": reused, **summary,
-                   "note": oracle_note(summary)},
+        "tiles": tiles_loc.uri,
+        "classes": classes,
+        "real_val_tiles": int(len(val_y)),
+        "oracle": {
+            "path": open_location(oracle, cfg.storage).uri,
+            "reused": reused,
+            **summary,
+            "note": oracle_note(summary),
+        },
         "features": "the oracle's penultimate features (forward_head(..., pre_logits=True))",
         "precision_recall_k": KNN_K,
-        "c2st": {"steps": C2ST_STEPS, "min_tiles": c2st_min_tiles, "seed": cfg.seed,
-                 "what": "held-out accuracy of a small CNN telling real val from kept synthetic tiles (0.5: "
-                         "indistinguishable); each side subsampled to equal counts (per class for 'all')"},
+        "c2st": {
+            "steps": C2ST_STEPS,
+            "min_tiles": c2st_min_tiles,
+            "seed": cfg.seed,
+            "what": "held-out accuracy of a small CNN telling real val from kept synthetic tiles (0.5: "
+            "indistinguishable); each side subsampled to equal counts (per class for 'all')",
+        },
         "sets": sets,
     }
     write_atomic(out.join("fidelity.json"), json.dumps(result, indent=1).encode())
@@ -323,30 +421,50 @@ def table_rows(per_class: dict[str, dict]) -> list[list[str]]:
     rows = []
     for name, r in per_class.items():
         test = r["c2st"]
-        rows.append([name, str(r["generated"]), str(r["kept"]), _num(r["oracle_agreement"]), _num(r["precision"]),
-                     _num(r["recall"]), _num(r["fid"], 2), _num(r["kid"], 4),
-                     "-" if test is None else f"{test['accuracy']:.3f} (n={test['n_per_side']})"])
+        rows.append(
+            [
+                name,
+                str(r["generated"]),
+                str(r["kept"]),
+                _num(r["oracle_agreement"]),
+                _num(r["precision"]),
+                _num(r["recall"]),
+                _num(r["fid"], 2),
+                _num(r["kid"], 4),
+                "-" if test is None else f"{test['accuracy']:.3f} (n={test['n_per_side']})",
+            ]
+        )
     return rows
 
 
 def fidelity_table(result: dict) -> str:
     """The result as Markdown: the oracle note, then one table per synthetic set."""
-    lines = [result["oracle"]["note"], "",
-             f"Oracle folder: {result['oracle']['path']}. Real reference: the {result['real_val_tiles']} val tiles "
-             f"of {result['tiles']}. Precision/recall (k={result['precision_recall_k']}), FID and KID on "
-             f"{result['features']}. "
-             f"C2ST: {result['c2st']['what']}; n = tiles per side; '-' where there are too few tiles."]
+    lines = [
+        result["oracle"]["note"],
+        "",
+        f"Oracle folder: {result['oracle']['path']}. Real reference: the {result['real_val_tiles']} val tiles "
+        f"of {result['tiles']}. Precision/recall (k={result['precision_recall_k']}), FID and KID on "
+        f"{result['features']}. "
+        f"C2ST: {result['c2st']['what']}; n = tiles per side; '-' where there are too few tiles.",
+    ]
     for name, s in result["sets"].items():
-        lines += ["", f"### {name}: {s['uri']}", "",
-                  "| " + " | ".join(TABLE_HEADER) + " |", "|---" * len(TABLE_HEADER) + "|"]
+        lines += [
+            "",
+            f"### {name}: {s['uri']}",
+            "",
+            "| " + " | ".join(TABLE_HEADER) + " |",
+            "|---" * len(TABLE_HEADER) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in table_rows(s["per_class"])]
     return "\n".join(lines) + "\n"
 
 
 # --- fidelity along training -----------------------------------------------------------------------
 
-def checkpoint_curve(cfg: Config, runs: list[str], tiles: str, oracle: str, output: str, *, n: int = 256,
-                     steps: int = 25) -> list[dict]:
+
+def checkpoint_curve(
+    cfg: Config, runs: list[str], tiles: str, oracle: str, output: str, *, n: int = 256, steps: int = 25
+) -> list[dict]:
     """Fidelity of unconditional samples at every registered checkpoint of one or more diffusion runs
     (e.g. a pre-training run, then the fine-tune that continued it), against all real val tiles of
     ``tiles``, on the oracle's features: k-NN precision / recall, FID and a C2ST per checkpoint,
@@ -384,19 +502,34 @@ def checkpoint_curve(cfg: Config, runs: list[str], tiles: str, oracle: str, outp
                 local = download_dir(ckpt.join("unet_ema"), tmp)
                 ldm.unet.load_state_dict(load_file(os.path.join(local, "diffusion_pytorch_model.safetensors")))
             generators = [torch.Generator().manual_seed(cfg.seed * 100_003 + i) for i in range(n)]
-            fake_x = np.concatenate([ldm.decode(ldm.sample(len(g), steps=steps, sampler=cfg.sampling.sampler, generator=g))
-                                     for g in (generators[i:i + 64] for i in range(0, n, 64))])
+            fake_x = np.concatenate(
+                [
+                    ldm.decode(ldm.sample(len(g), steps=steps, sampler=cfg.sampling.sampler, generator=g))
+                    for g in (generators[i : i + 64] for i in range(0, n, 64))
+                ]
+            )
             _, fake_features = predict(model, fake_x)
             precision, recall = precision_recall(val_features, fake_features, k=KNN_K)
             test = c2st(val_x, fake_x, seed=cfg.seed)
-            row = {"run": run_loc.uri, "checkpoint_step": step, "samples_seen": seen_before + step * per_step,
-                   "precision": precision, "recall": recall, "fid": fid(val_features, fake_features),
-                   "c2st": None if test is None else test["accuracy"]}
-            print(f"[fidelity-curve] {run} step {step}: precision {precision:.3f}, recall {recall:.3f}, "
-                  f"FID {row['fid']:.1f}, C2ST {row['c2st']}", flush=True)
+            row = {
+                "run": run_loc.uri,
+                "checkpoint_step": step,
+                "samples_seen": seen_before + step * per_step,
+                "precision": precision,
+                "recall": recall,
+                "fid": fid(val_features, fake_features),
+                "c2st": None if test is None else test["accuracy"],
+            }
+            print(
+                f"[fidelity-curve] {run} step {step}: precision {precision:.3f}, recall {recall:.3f}, "
+                f"FID {row['fid']:.1f}, C2ST {row['c2st']}",
+                flush=True,
+            )
             rows.append(row)
         seen_before += info["step"] * per_step
     write_atomic(out.join("curve.json"), json.dumps(rows, indent=1).encode())
     history = [{"step": r["samples_seen"], **{k: r[k] for k in ("precision", "recall", "fid", "c2st")}} for r in rows]
-    write_atomic(out.join("curve.png"), curves_png(history, "unconditional samples vs real val tiles, by training samples seen"))
+    write_atomic(
+        out.join("curve.png"), curves_png(history, "unconditional samples vs real val tiles, by training samples seen")
+    )
     return rows

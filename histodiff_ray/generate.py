@@ -13,15 +13,12 @@
    agreement, distance to the nearest real train tile) and writes its shard atomically as
    ``OUT/shards/<CLASS>-<NNNNN>.parquet``. A shard is the unit of resumption: a rerun after a kill
    skips the shards that exist and produces exactly the missing ones (and any that are damaged).
-3. **Select.** From the stored scores (no pixels re-read), the selection rules and the per-class
-   cap decide what is kept: ``OUT/index.parquet`` (one row per tile, kept or dropped and why),
-   ``OUT/synthetic/<CLASS>/<tile_id>.png`` for kept tiles, ``OUT/grids/*.png`` to look at and
-   ``OUT/summary.json``. Selection can be re-run alone with other thresholds (``select_synthetic``).
+3. **Select.** From the stored scores, the selection rules and the per-class cap decide what is
+   kept (``histodiff_ray/data/synthetic.py``, which also holds the set's format and reader).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -30,38 +27,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histodiff_ray.config import Config, SelectionConfig, hashable
+from histodiff_ray.config import Config, hashable
 from histodiff_ray.data.images import encode_png
-from histodiff_ray.data.shards import check_shards, damaged_shards
-from histodiff_ray.data.tiles import decode_images, decode_png, iter_tile_tables, require_manifest
+from histodiff_ray.data.shards import damaged_shards
+from histodiff_ray.data.synthetic import PLAN_FORMAT, SHARD_SCHEMA, select_synthetic, shard_records
+from histodiff_ray.data.tiles import decode_images, iter_tile_tables, require_manifest
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.storage import Location, open_location, read_bytes, read_run_info, write_atomic
-
-PLAN_FORMAT = "histodiff-synthetic/1"
-
-SHARD_SCHEMA = pa.schema([
-    pa.field("tile_id", pa.string()),  # <CLASS>-<index>: unique by construction
-    pa.field("image", pa.binary()),  # PNG
-    pa.field("label", pa.int16()),  # target class index
-    pa.field("label_name", pa.string()),
-    pa.field("index", pa.int32()),  # tile index within its class
-    pa.field("seed", pa.int64()),  # the tile's sampling seed
-    pa.field("shard", pa.string()),
-    pa.field("ldm", pa.string()),  # provenance: diffusion run and its weights' sha256
-    pa.field("ldm_sha256", pa.string()),
-    pa.field("classifier", pa.string()),  # null with classifier-free guidance
-    pa.field("classifier_sha256", pa.string()),
-    pa.field("judge", pa.string()),
-    pa.field("guidance", pa.string()),  # classifier | classifier_free
-    pa.field("guidance_scale", pa.float32()),  # s (classifier) or w (classifier-free)
-    pa.field("ddim_steps", pa.int32()),
-    pa.field("eta", pa.float32()),
-    pa.field("probs", pa.list_(pa.float32())),  # judge's softmax over the classes
-    pa.field("confidence", pa.float32()),  # judge's p(target)
-    pa.field("nearest_centroid", pa.int16()),
-    pa.field("centroid_similarity", pa.float32()),  # cosine similarity to the target's centroid
-    pa.field("real_distance", pa.float32()),  # RMS grey levels to the nearest real train tile (16×16, any rotation/flip)
-])
 
 
 def tile_seed(seed: int, label: int, index: int) -> int:
@@ -78,10 +50,24 @@ def make_plan(cfg: Config, classes: list[str], per_class: int, sources: dict) ->
     shards = []
     for label, name in enumerate(classes):
         for i, start in enumerate(range(0, per_class, g.shard_size)):
-            shards.append({"shard": f"{name}-{i:05d}", "label": label, "label_name": name,
-                           "start": start, "count": min(g.shard_size, per_class - start)})
-    decides = {"sources": sources, "seed": cfg.seed, "sampling": hashable(dataclasses.asdict(cfg.sampling)), "guidance": cfg.guidance.kind,
-               "shard_size": g.shard_size, "per_class": per_class, "classes": classes}
+            shards.append(
+                {
+                    "shard": f"{name}-{i:05d}",
+                    "label": label,
+                    "label_name": name,
+                    "start": start,
+                    "count": min(g.shard_size, per_class - start),
+                }
+            )
+    decides = {
+        "sources": sources,
+        "seed": cfg.seed,
+        "sampling": hashable(dataclasses.asdict(cfg.sampling)),
+        "guidance": cfg.guidance.kind,
+        "shard_size": g.shard_size,
+        "per_class": per_class,
+        "classes": classes,
+    }
     digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:16]
     return {"format": PLAN_FORMAT, "hash": digest, **decides, "shards": shards}
 
@@ -112,8 +98,12 @@ class Synthesizer:
         if src["classifier"] is not None:
             with tempfile.TemporaryDirectory(prefix="guide-") as tmp:
                 local = download_dir(open_location(src["classifier"], st).join("model", "classifier"), tmp)
-                self.guide = (load_classifier(local)
-                              .to(self.ldm.device, memory_format=torch.channels_last).eval().requires_grad_(False))
+                self.guide = (
+                    load_classifier(local)
+                    .to(self.ldm.device, memory_format=torch.channels_last)
+                    .eval()
+                    .requires_grad_(False)
+                )
         self.judge, _, self.centroids = load_judge(src["judge"], st)
         self.judge.to(self.ldm.device)  # scoring and the memorization search run where the sampling does
         self.real_thumbs = ray.get(real_thumbs) if isinstance(real_thumbs, ray.ObjectRef) else real_thumbs
@@ -138,41 +128,75 @@ class Synthesizer:
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         if self.guide is not None:
             scale = s["guidance_scale"]
-            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], sampler=s.get("sampler", "ddim"), generator=generators,
-                                cond_fn=classifier_cond_fn(self.guide, labels), guidance_scale=scale)
+            z = self.ldm.sample(
+                count,
+                steps=s["ddim_steps"],
+                eta=s["eta"],
+                sampler=s.get("sampler", "ddim"),
+                generator=generators,
+                cond_fn=classifier_cond_fn(self.guide, labels),
+                guidance_scale=scale,
+            )
         else:
             scale = s["cfg_scale"]
-            z = self.ldm.sample(count, steps=s["ddim_steps"], eta=s["eta"], sampler=s.get("sampler", "ddim"), generator=generators,
-                                labels=labels, cfg_scale=scale)
+            z = self.ldm.sample(
+                count,
+                steps=s["ddim_steps"],
+                eta=s["eta"],
+                sampler=s.get("sampler", "ddim"),
+                generator=generators,
+                labels=labels,
+                cfg_scale=scale,
+            )
         tiles = self.ldm.decode(z)
         probs, features = predict(self.judge, tiles)
         nearest, similarity = nearest_centroid_scores(features, self.centroids, np.full(count, label))
         real_distance = nearest_real_distance(tiles, self.real_thumbs, device=self.ldm.device)
         src = plan["sources"]
         name = row["label_name"]
-        table = pa.table({
-            "tile_id": [f"{name}-{start + i:06d}" for i in range(count)],
-            "image": [encode_png(t) for t in tiles],
-            "label": np.full(count, label, np.int16), "label_name": [name] * count,
-            "index": np.arange(start, start + count, dtype=np.int32), "seed": np.array(seeds, np.int64),
-            "shard": [row["shard"]] * count,
-            "ldm": [src["ldm"]] * count, "ldm_sha256": [src["ldm_sha256"]] * count,
-            "classifier": [src["classifier"]] * count, "classifier_sha256": [src["classifier_sha256"]] * count,
-            "judge": [src["judge"]] * count, "guidance": [plan["guidance"]] * count,
-            "guidance_scale": np.full(count, scale, np.float32),
-            "ddim_steps": np.full(count, s["ddim_steps"], np.int32), "eta": np.full(count, s["eta"], np.float32),
-            "probs": [p.astype(np.float32) for p in probs], "confidence": probs[:, label].astype(np.float32),
-            "nearest_centroid": nearest.astype(np.int16), "centroid_similarity": similarity.astype(np.float32),
-            "real_distance": np.asarray(real_distance, np.float32),
-        }, schema=SHARD_SCHEMA)
+        table = pa.table(
+            {
+                "tile_id": [f"{name}-{start + i:06d}" for i in range(count)],
+                "image": [encode_png(t) for t in tiles],
+                "label": np.full(count, label, np.int16),
+                "label_name": [name] * count,
+                "index": np.arange(start, start + count, dtype=np.int32),
+                "seed": np.array(seeds, np.int64),
+                "shard": [row["shard"]] * count,
+                "ldm": [src["ldm"]] * count,
+                "ldm_sha256": [src["ldm_sha256"]] * count,
+                "classifier": [src["classifier"]] * count,
+                "classifier_sha256": [src["classifier_sha256"]] * count,
+                "judge": [src["judge"]] * count,
+                "guidance": [plan["guidance"]] * count,
+                "guidance_scale": np.full(count, scale, np.float32),
+                "ddim_steps": np.full(count, s["ddim_steps"], np.int32),
+                "eta": np.full(count, s["eta"], np.float32),
+                "probs": [p.astype(np.float32) for p in probs],
+                "confidence": probs[:, label].astype(np.float32),
+                "nearest_centroid": nearest.astype(np.int16),
+                "centroid_similarity": similarity.astype(np.float32),
+                "real_distance": np.asarray(real_distance, np.float32),
+            },
+            schema=SHARD_SCHEMA,
+        )
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         write_atomic(self.out.join("shards", f"{row['shard']}.parquet"), sink.getvalue().to_pybytes())
         return table
 
 
-def generate(cfg: Config, *, ldm: str, classifier: str | None, judge: str, tiles: str, output: str,
-             per_class: int | None = None, progress: bool = True) -> dict:
+def generate(
+    cfg: Config,
+    *,
+    ldm: str,
+    classifier: str | None,
+    judge: str,
+    tiles: str,
+    output: str,
+    per_class: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Plan, synthesize the missing shards, then select; returns the summary. ``classifier`` is the
     guide's run with ``guidance.kind: classifier`` and None with ``classifier_free``."""
     import ray
@@ -189,8 +213,10 @@ def generate(cfg: Config, *, ldm: str, classifier: str | None, judge: str, tiles
     ldm_loc = open_location(ldm, cfg.storage)
     if cfg.guidance.kind == "classifier":
         if classifier is None:
-            raise HistodiffError("guidance.kind=classifier needs --classifier (a train-classifier run); "
-                                 "or set guidance.kind=classifier_free for a UNet fine-tuned with classes")
+            raise HistodiffError(
+                "guidance.kind=classifier needs --classifier (a train-classifier run); "
+                "or set guidance.kind=classifier_free for a UNet fine-tuned with classes"
+            )
         clf_loc = open_location(classifier, cfg.storage)
         guide_info = read_run_info(clf_loc)
         guide_classes, guide_name = guide_info.get("classes"), f"the classifier at {classifier}"
@@ -204,13 +230,22 @@ def generate(cfg: Config, *, ldm: str, classifier: str | None, judge: str, tiles
         raise HistodiffError(f"{guide_name} knows classes {guide_classes}, the tile set {tiles} has {classes}")
     judge_config = read_judge_config(judge, cfg.storage)  # its weights are loaded by the actors, not the driver
     if judge_config["classes"] != classes:
-        raise HistodiffError(f"the judge at {judge} knows classes {judge_config['classes']}, the tile set {tiles} has {classes}")
-    sources = {"ldm": ldm_loc.uri, "ldm_sha256": sha256_of(ldm_loc.join("model", "unet", "diffusion_pytorch_model.safetensors")),
-               "classifier": None, "classifier_sha256": None,
-               "judge": open_location(judge, cfg.storage).uri, "tiles": tiles_loc.uri}
+        raise HistodiffError(
+            f"the judge at {judge} knows classes {judge_config['classes']}, the tile set {tiles} has {classes}"
+        )
+    sources = {
+        "ldm": ldm_loc.uri,
+        "ldm_sha256": sha256_of(ldm_loc.join("model", "unet", "diffusion_pytorch_model.safetensors")),
+        "classifier": None,
+        "classifier_sha256": None,
+        "judge": open_location(judge, cfg.storage).uri,
+        "tiles": tiles_loc.uri,
+    }
     if cfg.guidance.kind == "classifier":
         sources["classifier"] = clf_loc.uri
-        sources["classifier_sha256"] = sha256_of(clf_loc.join("model", "classifier", "diffusion_pytorch_model.safetensors"))
+        sources["classifier_sha256"] = sha256_of(
+            clf_loc.join("model", "classifier", "diffusion_pytorch_model.safetensors")
+        )
     plan = make_plan(cfg, classes, per_class, sources)
     _save_or_check_plan(out, plan)
 
@@ -220,16 +255,26 @@ def generate(cfg: Config, *, ldm: str, classifier: str | None, judge: str, tiles
             print(f"[generate] {out.join(path)} is damaged ({reason}): making it again", flush=True)
     todo = [s for s in plan["shards"] if f"shards/{s['shard']}.parquet" in unmade]
     total = sum(s["count"] for s in plan["shards"])
-    print(f"[generate] {total} tiles in {len(plan['shards'])} shards; {len(plan['shards']) - len(todo)} shards already done, "
-          f"{len(todo)} to make", flush=True)
+    print(
+        f"[generate] {total} tiles in {len(plan['shards'])} shards; {len(plan['shards']) - len(todo)} shards already "
+        "done, "
+        f"{len(todo)} to make",
+        flush=True,
+    )
     if todo:
         init_ray(cfg)
         thumbs = ray.put(train_thumbnails(tiles_loc))
         g = cfg.generate
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             Synthesizer,
-            fn_constructor_kwargs={"plan": plan, "out": out.uri, "storage": _storage_dict(cfg), "real_thumbs": thumbs,
-                                   "threads": g.threads_per_actor, "compile_unet": g.compile},
+            fn_constructor_kwargs={
+                "plan": plan,
+                "out": out.uri,
+                "storage": _storage_dict(cfg),
+                "real_thumbs": thumbs,
+                "threads": g.threads_per_actor,
+                "compile_unet": g.compile,
+            },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=g.actors),
             num_cpus=cfg.ray.cpus_per_worker,
@@ -245,8 +290,11 @@ def train_thumbnails(tiles: Location) -> np.ndarray:
     thumbnails take 77 MB)."""
     from histodiff_ray.selection import SIGNATURE_SIZE, box_thumbnails
 
-    parts = [box_thumbnails(decode_images(t.column("image"))) for t in iter_tile_tables(tiles, "train", columns=["image"])
-             if t.num_rows]
+    parts = [
+        box_thumbnails(decode_images(t.column("image")))
+        for t in iter_tile_tables(tiles, "train", columns=["image"])
+        if t.num_rows
+    ]
     return np.concatenate(parts) if parts else np.zeros((0, SIGNATURE_SIZE, SIGNATURE_SIZE, 3), np.float32)
 
 
@@ -265,100 +313,12 @@ def _save_or_check_plan(out: Location, plan: dict) -> None:
         write_atomic(out.join("plan.json"), json.dumps(plan, indent=1, sort_keys=True).encode())
         return
     if existing.get("hash") != plan["hash"]:
-        changed = sorted(k for k in ("sources", "seed", "sampling", "shard_size", "per_class", "classes") if existing.get(k) != plan[k])
-        raise HistodiffError(f"{out} already holds tiles generated with other settings (differs in: {', '.join(changed)}); "
-                             "use a new --output, or delete it to start over")
-
-
-def shard_records(plan: dict, names: set[str] | None = None) -> list[dict]:
-    """The plan's shards (or those named) as records for ``check_shards``: a synthetic set's shards
-    are checked by their Parquet footer (columns, rows); the plan fixes how many rows each holds."""
-    return [{"path": f"shards/{s['shard']}.parquet", "rows": s["count"]} for s in plan["shards"] if names is None or s["shard"] in names]
-
-
-REMAKE = "re-run `histodiff generate` with the same arguments: it makes missing and damaged shards again"
-
-
-def load_shards(out: Location, columns: list[str] | None = None) -> pa.Table:
-    plan = json.loads(read_bytes(out.join("plan.json")))
-    check_shards(out, shard_records(plan), SHARD_SCHEMA, REMAKE)
-    cols = columns or [f.name for f in SHARD_SCHEMA if f.name != "image"]
-    tables = [pq.read_table(out.join("shards", f"{s['shard']}.parquet").path, filesystem=out.filesystem, columns=cols)
-              for s in plan["shards"]]
-    return pa.concat_tables(tables)
-
-
-def read_tile_images(out: Location, tile_ids: list[str], shards: list[str]) -> list[bytes]:
-    """The PNG bytes of ``tile_ids`` (in that order), read from the shards that hold them
-    (``shards[i]`` holds ``tile_ids[i]``), one read per shard."""
-    check_shards(out, shard_records(json.loads(read_bytes(out.join("plan.json"))), set(shards)), SHARD_SCHEMA, REMAKE)
-    return _read_checked_images(out, tile_ids, shards)
-
-
-def _read_checked_images(out: Location, tile_ids: list[str], shards: list[str]) -> list[bytes]:
-    """``read_tile_images`` for shards already checked (``load_shards`` checks every shard)."""
-    found: dict[str, bytes] = {}
-    for shard in sorted(set(shards)):
-        table = pq.read_table(out.join("shards", f"{shard}.parquet").path, filesystem=out.filesystem, columns=["tile_id", "image"])
-        found.update(zip(table.column("tile_id").to_pylist(), table.column("image").to_pylist()))
-    return [found[t] for t in tile_ids]
-
-
-def select_synthetic(cfg: Config, output: str, selection: SelectionConfig, *, write_pngs: bool = True) -> dict:
-    """Apply the selection rules and the per-class cap to a finished synthetic set."""
-    from histodiff_ray.selection import decide
-
-    out = open_location(output, cfg.storage)
-    plan = json.loads(read_bytes(out.join("plan.json")))
-    table = load_shards(out).sort_by([("label", "ascending"), ("index", "ascending")])
-    kept, reason = decide(table.column("label").to_numpy(), table.column("confidence").to_numpy(),
-                          table.column("nearest_centroid").to_numpy(), table.column("real_distance").to_numpy(), selection)
-    index = table.append_column("kept", pa.array(kept)).append_column("reason", pa.array(reason))
-    index = index.append_column("png", pa.array([f"synthetic/{n}/{t}.png" if k else None for n, t, k in
-                                                 zip(index.column("label_name").to_pylist(), index.column("tile_id").to_pylist(), kept)]))
-    if write_pngs:
-        _write_pngs_and_grids(out, plan, index)
-    sink = pa.BufferOutputStream()
-    pq.write_table(index, sink, compression="zstd")
-    write_atomic(out.join("index.parquet"), sink.getvalue().to_pybytes())
-    per_class = {}
-    for label, name in enumerate(plan["classes"]):
-        mine = index.column("label").to_numpy() == label
-        reasons = [r for r, m in zip(reason, mine) if m and r]
-        per_class[name] = {"generated": int(mine.sum()), "kept": int((kept & mine).sum()),
-                           "dropped": {r: reasons.count(r) for r in sorted(set(reasons))}}
-    summary = {"output": out.uri, "plan_hash": plan["hash"], "tiles": index.num_rows, "kept": int(kept.sum()),
-               "selection": dataclasses.asdict(selection), "per_class": per_class}
-    write_atomic(out.join("summary.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
-    return summary
-
-
-def _write_pngs_and_grids(out: Location, plan: dict, index: pa.Table, columns: int = 8) -> None:
-    """Kept tiles as PNG files (many small writes: threads, since each is one request on S3) and per
-    class a borderless mosaic of the first columns² kept and of the first dropped tiles, in generation
-    order (never picked): ``OUT/grids/<CLASS>-kept.png``, ``OUT/grids/<CLASS>-dropped.png``."""
-    grid_tiles = columns * columns
-    from histodiff_ray.ldm import save_png, tile_grid
-
-    kept = index.column("kept").to_numpy(zero_copy_only=False)
-    by_shard: dict[str, list[int]] = {}
-    for i, shard in enumerate(index.column("shard").to_pylist()):
-        by_shard.setdefault(shard, []).append(i)
-    tile_ids = index.column("tile_id").to_pylist()
-    labels = index.column("label").to_numpy()
-    grids = {(label, k): [] for label in range(len(plan["classes"])) for k in (True, False)}
-    writes = []
-    for shard, rows in by_shard.items():
-        for i, png in zip(rows, _read_checked_images(out, [tile_ids[i] for i in rows], [shard] * len(rows))):
-            if kept[i]:
-                writes.append((out.join(index.column("png")[i].as_py()), png))
-            bucket = grids[(int(labels[i]), bool(kept[i]))]
-            if len(bucket) < grid_tiles:
-                bucket.append(decode_png(png))
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda w: write_atomic(*w), writes))
-    for (label, k), tiles in grids.items():
-        if tiles:
-            name = plan["classes"][label]
-            mosaic = tile_grid(np.stack(tiles), columns=columns, pad=0)
-            save_png(mosaic, out.join("grids", f"{name}-{'kept' if k else 'dropped'}.png"))
+        changed = sorted(
+            k
+            for k in ("sources", "seed", "sampling", "shard_size", "per_class", "classes")
+            if existing.get(k) != plan[k]
+        )
+        raise HistodiffError(
+            f"{out} already holds tiles generated with other settings (differs in: {', '.join(changed)}); "
+            "use a new --output, or delete it to start over"
+        )

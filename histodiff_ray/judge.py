@@ -37,29 +37,47 @@ def train_judge(cfg: Config, tiles: str, output: str) -> dict:
     train = load_tile_table(tiles_loc, "train", labeled_only=True)
     val = load_tile_table(tiles_loc, "val")
     if train.num_rows == 0 or val.num_rows == 0:
-        raise HistodiffError(f"train-judge: {tiles} needs labeled train tiles and val tiles (has {train.num_rows} and {val.num_rows})")
+        raise HistodiffError(
+            f"train-judge: {tiles} needs labeled train tiles and val tiles (has {train.num_rows} and {val.num_rows})"
+        )
     train_x, train_y = decode_images(train.column("image")), train.column("label").to_numpy().astype(np.int64)
     val_x, val_y = decode_images(val.column("image")), val.column("label").to_numpy().astype(np.int64)
     missing = [classes[k] for k in range(len(classes)) if not np.any(train_y == k)]
     if missing:
-        raise HistodiffError(f"train-judge: no labeled train tiles for class(es) {missing} in {tiles}; raise data.label_fraction")
+        raise HistodiffError(
+            f"train-judge: no labeled train tiles for class(es) {missing} in {tiles}; raise data.label_fraction"
+        )
 
     def log(row):
-        print(f"[judge] epoch {row['epoch']}/{cfg.downstream.epochs}: loss {row['loss']:.3f}, "
-              f"val acc {row['val_acc']:.3f}, val macro-F1 {row['val_macro_f1']:.3f}", flush=True)
+        print(
+            f"[judge] epoch {row['epoch']}/{cfg.downstream.epochs}: loss {row['loss']:.3f}, "
+            f"val acc {row['val_acc']:.3f}, val macro-F1 {row['val_macro_f1']:.3f}",
+            flush=True,
+        )
 
-    model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg.downstream, len(classes), seed=cfg.seed, log=log)
+    model, history = train_tile_classifier(
+        train_x, train_y, val_x, val_y, cfg.downstream, len(classes), seed=cfg.seed, log=log
+    )
     _, features = predict(model, val_x)
     centroids = class_centroids(torch.from_numpy(features), torch.from_numpy(val_y), len(classes))
     best = max(history, key=lambda r: r["val_macro_f1"])
-    summary = {"tiles": tiles_loc.uri, "classes": classes, "train_tiles": int(train.num_rows), "val_tiles": int(val.num_rows),
-               "best_epoch": best["epoch"], "val_acc": best["val_acc"], "val_macro_f1": best["val_macro_f1"]}
+    summary = {
+        "tiles": tiles_loc.uri,
+        "classes": classes,
+        "train_tiles": int(train.num_rows),
+        "val_tiles": int(val.num_rows),
+        "best_epoch": best["epoch"],
+        "val_acc": best["val_acc"],
+        "val_macro_f1": best["val_macro_f1"],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         from safetensors.torch import save_file
 
         save_tile_classifier(model, cfg.downstream.arch, classes, cfg.data.tile_size, tmp, extra={"judge": summary})
-        save_file({"centroids": torch.as_tensor(np.asarray(centroids), dtype=torch.float32).contiguous()},
-                  os.path.join(tmp, "centroids.safetensors"))
+        save_file(
+            {"centroids": torch.as_tensor(np.asarray(centroids), dtype=torch.float32).contiguous()},
+            os.path.join(tmp, "centroids.safetensors"),
+        )
         with open(os.path.join(tmp, "history.json"), "w") as f:
             json.dump(history, f, indent=1)
         upload_dir(tmp, out)
@@ -71,7 +89,9 @@ def read_judge_config(judge_dir: str, storage) -> dict:
     try:
         return json.loads(read_bytes(open_location(judge_dir, storage).join("config.json")))
     except FileNotFoundError:
-        raise HistodiffError(f"no judge at {judge_dir}: its config.json is missing (train one with `histodiff train-judge`)") from None
+        raise HistodiffError(
+            f"no judge at {judge_dir}: its config.json is missing (train one with `histodiff train-judge`)"
+        ) from None
 
 
 def load_judge(judge_dir: str, storage) -> tuple[torch.nn.Module, dict, np.ndarray]:
@@ -92,13 +112,18 @@ def judge_probabilities(cfg: Config, judge_dir: str, tiles: str) -> tuple[dict[s
     classes = require_manifest(tiles_loc)["classes"]
     model, config, _ = load_judge(judge_dir, cfg.storage)
     if config["classes"] != classes:
-        raise HistodiffError(f"the judge at {judge_dir} knows classes {config['classes']}, the tile set {tiles} has {classes}")
+        raise HistodiffError(
+            f"the judge at {judge_dir} knows classes {config['classes']}, the tile set {tiles} has {classes}"
+        )
     table = load_tile_table(tiles_loc, "train", columns=["tile_id", "image", "labeled"])
     unlabeled = table.filter(pc.invert(table.column("labeled")))
     probs, _ = predict(model, decode_images(unlabeled.column("image")))
     best = probs.argmax(1)
-    summary = {"judge": judge_dir, "unlabeled": unlabeled.num_rows,
-               "most_likely": {name: int((best == k).sum()) for k, name in enumerate(classes)}}
+    summary = {
+        "judge": judge_dir,
+        "unlabeled": unlabeled.num_rows,
+        "most_likely": {name: int((best == k).sum()) for k, name in enumerate(classes)},
+    }
     return dict(zip(unlabeled.column("tile_id").to_pylist(), probs.astype(np.float32).tolist())), summary
 
 
@@ -110,6 +135,10 @@ def pseudo_labels(cfg: Config, judge_dir: str, tiles: str) -> tuple[dict[str, in
     threshold = cfg.guidance.pseudo_label_threshold
     labels = {tile: int(np.argmax(p)) for tile, p in probs.items() if max(p) >= threshold}
     classes = list(summary["most_likely"])
-    summary = {"judge": judge_dir, "threshold": threshold, "unlabeled": summary["unlabeled"],
-               "kept": {name: sum(1 for k in labels.values() if k == i) for i, name in enumerate(classes)}}
+    summary = {
+        "judge": judge_dir,
+        "threshold": threshold,
+        "unlabeled": summary["unlabeled"],
+        "kept": {name: sum(1 for k in labels.values() if k == i) for i, name in enumerate(classes)},
+    }
     return labels, summary

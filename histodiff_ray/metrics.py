@@ -48,9 +48,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
 
 def _labels(y, num_classes: int, name: str) -> np.ndarray:
     y = np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y).reshape(-1)
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise ValueError(f"{name} must hold integer class indices")
+    if y.size and not np.issubdtype(y.dtype, np.integer) and (not np.all(np.isfinite(y)) or np.any(y != np.round(y))):
+        raise ValueError(f"{name} must hold integer class indices")
     y = y.astype(np.int64)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"{name} holds a class index outside [0, {num_classes})")
@@ -128,6 +127,7 @@ def classification_report(y_true, y_pred, num_classes: int, class_names=None) ->
 
 
 # --- Student's t quantile (no scipy) ---------------------------------------------------------------
+
 
 def _betacf(a: float, b: float, x: float) -> float:
     """Continued fraction of the incomplete beta function (modified Lentz, Numerical Recipes 6.4)."""
@@ -233,6 +233,7 @@ def mean_ci(values, confidence: float = 0.95) -> dict:
 
 # --- generation metrics on feature vectors -----------------------------------------------------------
 
+
 def _features(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -314,7 +315,7 @@ def _knn_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     """Distance from each row of ``x`` to its k-th nearest other row (self, at distance 0, excluded)."""
     out = torch.empty(len(x), dtype=x.dtype)
     for s in range(0, len(x), chunk):
-        out[s:s + chunk] = torch.cdist(x[s:s + chunk], x).kthvalue(k + 1, dim=1).values
+        out[s : s + chunk] = torch.cdist(x[s : s + chunk], x).kthvalue(k + 1, dim=1).values
     return out
 
 
@@ -335,7 +336,7 @@ def precision_recall(real, fake, k: int = 3, chunk: int = 1024) -> tuple[float, 
     fake_in_real = torch.zeros(len(ft), dtype=torch.bool)
     real_in_fake = torch.zeros(len(rt), dtype=torch.bool)
     for s in range(0, len(ft), chunk):
-        dist = torch.cdist(ft[s:s + chunk], rt)  # chunk × N_real
-        fake_in_real[s:s + chunk] = (dist <= r_rad[None, :]).any(1)
-        real_in_fake |= (dist <= f_rad[s:s + chunk, None]).any(0)
+        dist = torch.cdist(ft[s : s + chunk], rt)  # chunk × N_real
+        fake_in_real[s : s + chunk] = (dist <= r_rad[None, :]).any(1)
+        real_in_fake |= (dist <= f_rad[s : s + chunk, None]).any(0)
     return float(fake_in_real.double().mean()), float(real_in_fake.double().mean())

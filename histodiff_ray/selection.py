@@ -94,7 +94,9 @@ def class_centroids(features, labels, num_classes: int) -> np.ndarray:
     feats = _numpy(features, "features", np.float64)
     labs = _numpy(labels, "labels").astype(np.int64).reshape(-1)
     if feats.ndim != 2 or feats.shape[0] != labs.shape[0]:
-        raise ValueError(f"class_centroids: features must be N×D with N = len(labels); got {feats.shape} and {labs.shape}")
+        raise ValueError(
+            f"class_centroids: features must be N×D with N = len(labels); got {feats.shape} and {labs.shape}"
+        )
     bad = labs[(labs < 0) | (labs >= num_classes)]
     if bad.size:
         raise ValueError(f"class_centroids: label {int(bad[0])} is outside 0..{num_classes - 1}")
@@ -128,12 +130,15 @@ def nearest_centroid_scores(features, centroids, target) -> tuple[np.ndarray, np
     return nearest, sim[np.arange(len(tgt)), tgt]
 
 
-def _rules(target: np.ndarray, confidence: np.ndarray, nearest_centroid: np.ndarray, real_distance,
-           cfg: SelectionConfig) -> dict[str, np.ndarray]:
+def _rules(
+    target: np.ndarray, confidence: np.ndarray, nearest_centroid: np.ndarray, real_distance, cfg: SelectionConfig
+) -> dict[str, np.ndarray]:
     n = target.shape[0]
     if confidence.shape != (n,) or nearest_centroid.shape != (n,):
-        raise ValueError(f"confidence and nearest_centroid must have N = {n} values; got "
-                         f"{confidence.shape} and {nearest_centroid.shape}")
+        raise ValueError(
+            f"confidence and nearest_centroid must have N = {n} values; got "
+            f"{confidence.shape} and {nearest_centroid.shape}"
+        )
     if real_distance is None:
         if cfg.min_real_distance > 0:
             raise ValueError("selection.min_real_distance > 0 needs real_distance (nearest_real_distance)")
@@ -157,7 +162,7 @@ def _rules(target: np.ndarray, confidence: np.ndarray, nearest_centroid: np.ndar
         members = np.flatnonzero(passed & (target == cls))
         # Highest confidence first; lexsort's last key is primary, the index breaks ties.
         order = members[np.lexsort((members, -confidence[members].astype(np.float64)))]
-        over_cap[order[cfg.max_per_class:]] = True
+        over_cap[order[cfg.max_per_class :]] = True
 
     reason = np.full(n, "", dtype=object)
     for flags, name in reversed(list(zip((near_copy, low_confidence, centroid_mismatch, over_cap), REASONS))):
@@ -175,9 +180,8 @@ def _rules(target: np.ndarray, confidence: np.ndarray, nearest_centroid: np.ndar
 
 def _target(target) -> np.ndarray:
     tgt = _numpy(target, "target").reshape(-1)
-    if tgt.size and not np.issubdtype(tgt.dtype, np.integer):
-        if not np.all(np.equal(np.mod(tgt, 1), 0)):
-            raise ValueError("target must hold integer class indices")
+    if tgt.size and not np.issubdtype(tgt.dtype, np.integer) and not np.all(np.equal(np.mod(tgt, 1), 0)):
+        raise ValueError("target must hold integer class indices")
     return tgt.astype(np.int64)
 
 
@@ -185,8 +189,13 @@ def decide(target, confidence, nearest_centroid, real_distance, cfg: SelectionCo
     """The rules applied to stored scores (``confidence`` = p(target), ``nearest_centroid`` from
     :func:`nearest_centroid_scores`): (kept bool N, reason str N). Same result as :func:`select`."""
     tgt = _target(target)
-    out = _rules(tgt, _numpy(confidence, "confidence").reshape(-1), _numpy(nearest_centroid, "nearest_centroid")
-                 .astype(np.int64).reshape(-1), real_distance, cfg)
+    out = _rules(
+        tgt,
+        _numpy(confidence, "confidence").reshape(-1),
+        _numpy(nearest_centroid, "nearest_centroid").astype(np.int64).reshape(-1),
+        real_distance,
+        cfg,
+    )
     return out["kept"], out["reason"]
 
 
@@ -202,12 +211,13 @@ def select(target, probs, features, centroids, real_distance, cfg: SelectionConf
     if c.ndim != 2 or c.shape[0] != k:
         raise ValueError(f"select: centroids must be K×D with K = {k} (the classes of probs); got {c.shape}")
     if n and (tgt.min() < 0 or tgt.max() >= k):
-        raise ValueError(f"select: target holds class {int(tgt.min() if tgt.min() < 0 else tgt.max())} outside 0..{k - 1}")
+        raise ValueError(
+            f"select: target holds class {int(tgt.min() if tgt.min() < 0 else tgt.max())} outside 0..{k - 1}"
+        )
     confidence = p[np.arange(n), tgt]
     nearest, similarity = nearest_centroid_scores(features, c, tgt)
     out = _rules(tgt, confidence, nearest, real_distance, cfg)
-    return Selection(confidence=confidence, nearest_centroid=nearest, centroid_similarity=similarity,
-                     target=tgt, **out)
+    return Selection(confidence=confidence, nearest_centroid=nearest, centroid_similarity=similarity, target=tgt, **out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,9 +259,9 @@ def box_thumbnails(tiles: np.ndarray, size: int = SIGNATURE_SIZE) -> np.ndarray:
         out = np.empty((n, size, size, c), dtype=np.float32)
         with torch.no_grad():
             for i0 in range(0, n, 512):
-                x = torch.from_numpy(np.ascontiguousarray(tiles[i0:i0 + 512])).permute(0, 3, 1, 2).float()
+                x = torch.from_numpy(np.ascontiguousarray(tiles[i0 : i0 + 512])).permute(0, 3, 1, 2).float()
                 pooled = torch.nn.functional.avg_pool2d(x, (h // size, w // size))
-                out[i0:i0 + 512] = pooled.permute(0, 2, 3, 1).numpy()
+                out[i0 : i0 + 512] = pooled.permute(0, 2, 3, 1).numpy()
         return out
     wh, ww = _box_weights(h, size), _box_weights(w, size)
     return np.einsum("ih,nhwc,jw->nijc", wh, tiles.astype(np.float64), ww, optimize=True).astype(np.float32)
@@ -268,8 +278,9 @@ def _dihedral_views(batch: np.ndarray) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
-def nearest_thumbnail(synthetic_thumbs: np.ndarray, real_thumbs: np.ndarray, chunk: int = 1024,
-                      device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def nearest_thumbnail(
+    synthetic_thumbs: np.ndarray, real_thumbs: np.ndarray, chunk: int = 1024, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """(distance, index) of the nearest real thumbnail to each synthetic one, minimised over the 8
     rotations/flips of the synthetic thumbnail. Distance: RMS difference in 0-255 grey levels,
     with no brightness centring (unlike dedupe: for the audit a darker copy is a different tile).
@@ -298,28 +309,30 @@ def nearest_thumbnail(synthetic_thumbs: np.ndarray, real_thumbs: np.ndarray, chu
 
     # Centring on mid-grey (both sides, so distances are unchanged) keeps the norms small and the
     # float32 expansion |a|² + |b|² - 2ab accurate.
-    r = torch.tensor(real.reshape(m, dim), dtype=torch.float32, device=device) - 127.5  # a copy: `real` may be read-only
+    r = (
+        torch.tensor(real.reshape(m, dim), dtype=torch.float32, device=device) - 127.5
+    )  # a copy: `real` may be read-only
     r_sq = (r * r).sum(-1)
     with torch.no_grad():
         for i0 in range(0, n, chunk):
-            v = torch.as_tensor(views(syn[i0:i0 + chunk]), dtype=torch.float32, device=device) - 127.5
+            v = torch.as_tensor(views(syn[i0 : i0 + chunk]), dtype=torch.float32, device=device) - 127.5
             b = v.shape[0]
             v = v.reshape(b * 8, dim)
             v_sq = (v * v).sum(-1)
             best = torch.full((b,), float("inf"), device=device)
             arg = torch.zeros(b, dtype=torch.int64, device=device)
             for j0 in range(0, m, chunk):
-                d2 = v_sq[:, None] + r_sq[None, j0:j0 + chunk] - 2.0 * (v @ r[j0:j0 + chunk].T)  # (b·8)×mj
+                d2 = v_sq[:, None] + r_sq[None, j0 : j0 + chunk] - 2.0 * (v @ r[j0 : j0 + chunk].T)  # (b·8)×mj
                 val, idx = d2.reshape(b, 8, -1).amin(dim=1).min(dim=1)  # min over views, then real tiles
                 better = val < best  # strict: the earliest real tile wins a tie, whatever the chunking
                 best = torch.where(better, val, best)
                 arg = torch.where(better, idx + j0, arg)
-            best_j[i0:i0 + b] = arg.cpu().numpy()
+            best_j[i0 : i0 + b] = arg.cpu().numpy()
     # The winning pair's distance in float64 (exactly 0 for a copy), min over the views.
     real_flat = real.reshape(m, dim).astype(np.float64)
     for i0 in range(0, n, chunk):
-        diff = views(syn[i0:i0 + chunk]).astype(np.float64) - real_flat[best_j[i0:i0 + chunk]][:, None, :]
-        best_d[i0:i0 + chunk] = np.sqrt(np.einsum("nvd,nvd->nv", diff, diff).min(axis=1) / dim)
+        diff = views(syn[i0 : i0 + chunk]).astype(np.float64) - real_flat[best_j[i0 : i0 + chunk]][:, None, :]
+        best_d[i0 : i0 + chunk] = np.sqrt(np.einsum("nvd,nvd->nv", diff, diff).min(axis=1) / dim)
     return best_d, best_j
 
 
@@ -329,14 +342,16 @@ def _as_thumbnails(x: np.ndarray) -> np.ndarray:
     return box_thumbnails(x) if x.dtype == np.uint8 else x
 
 
-def nearest_real(synthetic: np.ndarray, real: np.ndarray, chunk: int = 1024,
-                 device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def nearest_real(
+    synthetic: np.ndarray, real: np.ndarray, chunk: int = 1024, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """(distance, index of the nearest real tile); see :func:`nearest_real_distance`."""
     return nearest_thumbnail(_as_thumbnails(synthetic), _as_thumbnails(real), chunk=chunk, device=device)
 
 
-def nearest_real_distance(synthetic: np.ndarray, real: np.ndarray, chunk: int = 1024,
-                          device: str | torch.device = "cpu") -> np.ndarray:
+def nearest_real_distance(
+    synthetic: np.ndarray, real: np.ndarray, chunk: int = 1024, device: str | torch.device = "cpu"
+) -> np.ndarray:
     """The memorization-audit distance of each synthetic tile: RMS difference (0-255 units)
     between 16×16 box-filtered thumbnails, minimised over the 8 rotations/flips of the synthetic
     tile and over all real tiles. 0 for an exact, rotated or flipped copy.

@@ -45,7 +45,7 @@ class S3Settings:
         return f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, retries={self.retries})"
 
     @classmethod
-    def resolve(cls, cfg: StorageConfig) -> "S3Settings":
+    def resolve(cls, cfg: StorageConfig) -> S3Settings:
         env = os.environ
         return cls(
             endpoint_url=cfg.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
@@ -85,8 +85,10 @@ class S3Settings:
             key=self.access_key_id,
             secret=self.secret_access_key,
             client_kwargs=client_kwargs,
-            config_kwargs={"retries": {"max_attempts": self.retries, "mode": "standard"},
-                           "connect_timeout": self.connect_timeout_s},
+            config_kwargs={
+                "retries": {"max_attempts": self.retries, "mode": "standard"},
+                "connect_timeout": self.connect_timeout_s,
+            },
             skip_instance_cache=True,
         )
 
@@ -104,7 +106,7 @@ class Location:
     def is_s3(self) -> bool:
         return self.s3 is not None
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         tail = "/".join(p.strip("/") for p in parts if p)
         path = f"{self.path.rstrip('/')}/{tail}" if tail else self.path
         uri = f"{self.uri.rstrip('/')}/{tail}" if tail else self.uri
@@ -141,7 +143,10 @@ def _explain(exc: OSError, loc: Location, action: str) -> StorageError:
     """One actionable line for an S3 failure; never the credentials themselves."""
     text = str(exc)
     endpoint = loc.s3.endpoint_display if loc.s3 else "local disk"
-    if any(s in text for s in ("ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "HTTP status 403", "Forbidden")):
+    if any(
+        s in text
+        for s in ("ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "HTTP status 403", "Forbidden")
+    ):
         return StorageError(
             f"storage: {endpoint} rejected the credentials while trying to {action} {loc.uri}; "
             "set storage.access_key_id/storage.secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
@@ -240,7 +245,7 @@ def list_files(loc: Location) -> list[str]:
     except OSError as exc:
         raise _explain(exc, loc, "list") from None
     prefix = loc.path.rstrip("/") + "/"
-    return sorted(i.path[len(prefix):] for i in infos if i.type == pafs.FileType.File)
+    return sorted(i.path[len(prefix) :] for i in infos if i.type == pafs.FileType.File)
 
 
 def upload_dir(local_dir: str, dest: Location) -> None:
@@ -274,4 +279,6 @@ def read_run_info(run: Location) -> dict:
     try:
         return json.loads(read_bytes(run.join("run.json")))
     except FileNotFoundError:
-        raise HistodiffError(f"no finished run at {run}: run.json is missing (train it first, or wait for it to finish)") from None
+        raise HistodiffError(
+            f"no finished run at {run}: run.json is missing (train it first, or wait for it to finish)"
+        ) from None

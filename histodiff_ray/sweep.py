@@ -58,15 +58,31 @@ def trial(params: dict, storage: dict) -> None:
     train_x, train_y = decode_images(train.column("image")), train.column("label").to_numpy().astype(np.int64)
     val_x, val_y = decode_images(val.column("image")), val.column("label").to_numpy().astype(np.int64)
     k = int(max(train_y.max(), val_y.max())) + 1
-    syn_x, syn_y = load_synthetic(cfg, syn_uri, np.bincount(train_y, minlength=k), cfg.evaluate.synthetic_ratio,
-                                  selection=cfg.selection)
+    syn_x, syn_y = load_synthetic(
+        cfg, syn_uri, np.bincount(train_y, minlength=k), cfg.evaluate.synthetic_ratio, selection=cfg.selection
+    )
     x, y = np.concatenate([train_x, syn_x]), np.concatenate([train_y, syn_y])
     # ASHA decides when to stop, from a val score after every epoch.
     cfg.downstream.epochs, cfg.downstream.patience, cfg.downstream.val_every = cfg.sweep.epochs, cfg.sweep.epochs, 1
     # The step budget is the real tiles' (as in evaluate): a trial with more synthetic tiles gets no more steps.
-    train_tile_classifier(x, y, val_x, val_y, cfg.downstream, k, seed=cfg.seed, budget_tiles=len(train_y),
-                          log=lambda row: ray.tune.report({"val_macro_f1": row["val_macro_f1"], "val_acc": row["val_acc"],
-                                                           "epoch": row["epoch"], "synthetic_tiles": int(len(syn_y))}))
+    train_tile_classifier(
+        x,
+        y,
+        val_x,
+        val_y,
+        cfg.downstream,
+        k,
+        seed=cfg.seed,
+        budget_tiles=len(train_y),
+        log=lambda row: ray.tune.report(
+            {
+                "val_macro_f1": row["val_macro_f1"],
+                "val_acc": row["val_acc"],
+                "epoch": row["epoch"],
+                "synthetic_tiles": int(len(syn_y)),
+            }
+        ),
+    )
 
 
 def sweep(cfg: Config, *, tiles: str, ldm: str, classifier: str, judge: str, output: str) -> dict:
@@ -80,8 +96,15 @@ def sweep(cfg: Config, *, tiles: str, ldm: str, classifier: str, judge: str, out
     out = open_location(output, cfg.storage)
     for scale in s.guidance_scales:
         print(f"[sweep] the synthetic set at guidance scale {scale:g}", flush=True)
-        generate(dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, guidance_scale=float(scale))), ldm=ldm,
-                 classifier=classifier, judge=judge, tiles=tiles, output=_synthetic_uri(output, scale), per_class=s.per_class)
+        generate(
+            dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, guidance_scale=float(scale))),
+            ldm=ldm,
+            classifier=classifier,
+            judge=judge,
+            tiles=tiles,
+            output=_synthetic_uri(output, scale),
+            per_class=s.per_class,
+        )
     space = {
         "cfg": cfg.to_dict(),  # without secrets: Tune saves its params with the trial
         "args": {"tiles": tiles, "ldm": ldm, "classifier": classifier, "judge": judge, "output": output},
@@ -91,11 +114,19 @@ def sweep(cfg: Config, *, tiles: str, ldm: str, classifier: str, judge: str, out
     }
     parent, name = out.path.rstrip("/").rsplit("/", 1)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(ray.tune.with_parameters(trial, storage=dataclasses.asdict(cfg.storage)), {"cpu": 0.01, "gpu": s.gpus_per_trial}),
+        ray.tune.with_resources(
+            ray.tune.with_parameters(trial, storage=dataclasses.asdict(cfg.storage)),
+            {"cpu": 0.01, "gpu": s.gpus_per_trial},
+        ),
         param_space=space,
         tune_config=ray.tune.TuneConfig(
-            metric="val_macro_f1", mode="max", num_samples=s.trials, max_concurrent_trials=s.concurrency,
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=s.epochs, grace_period=s.grace_epochs, reduction_factor=2),
+            metric="val_macro_f1",
+            mode="max",
+            num_samples=s.trials,
+            max_concurrent_trials=s.concurrency,
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration", max_t=s.epochs, grace_period=s.grace_epochs, reduction_factor=2
+            ),
         ),
         run_config=ray.tune.RunConfig(name=f"{name}-tune", storage_path=parent, storage_filesystem=out.filesystem),
     )
@@ -105,15 +136,23 @@ def sweep(cfg: Config, *, tiles: str, ldm: str, classifier: str, judge: str, out
         if result.metrics is None:
             continue
         history = result.metrics_dataframe
-        best_epoch = history["val_macro_f1"].max() if history is not None and len(history) else result.metrics.get("val_macro_f1")
-        rows.append({"trial": result.path.rstrip("/").rsplit("/", 1)[-1],
-                     "guidance_scale": result.config["guidance_scale"],
-                     "confidence_threshold": round(result.config["confidence_threshold"], 4),
-                     "synthetic_ratio": round(result.config["synthetic_ratio"], 4),
-                     "epochs": int(result.metrics.get("training_iteration", 0)),
-                     "val_macro_f1": float(best_epoch),
-                     "synthetic_tiles": result.metrics.get("synthetic_tiles"),
-                     "error": str(result.error) if result.error else ""})
+        best_epoch = (
+            history["val_macro_f1"].max()
+            if history is not None and len(history)
+            else result.metrics.get("val_macro_f1")
+        )
+        rows.append(
+            {
+                "trial": result.path.rstrip("/").rsplit("/", 1)[-1],
+                "guidance_scale": result.config["guidance_scale"],
+                "confidence_threshold": round(result.config["confidence_threshold"], 4),
+                "synthetic_ratio": round(result.config["synthetic_ratio"], 4),
+                "epochs": int(result.metrics.get("training_iteration", 0)),
+                "val_macro_f1": float(best_epoch),
+                "synthetic_tiles": result.metrics.get("synthetic_tiles"),
+                "error": str(result.error) if result.error else "",
+            }
+        )
     if not any(not r["error"] for r in rows):
         from histodiff_ray.errors import HistodiffError
 
@@ -131,7 +170,19 @@ def sweep(cfg: Config, *, tiles: str, ldm: str, classifier: str, judge: str, out
     best_dict["selection"]["confidence_threshold"] = float(best["confidence_threshold"])
     best_dict["evaluate"]["synthetic_ratio"] = float(best["synthetic_ratio"])
     config_from_dict(best_dict)  # the file must load as a config
-    header = (f"# histodiff sweep {output}: best of {len(rows)} trials, val macro-F1 {best['val_macro_f1']:.4f}\n"
-              f"# use: histodiff generate --config {out.join('best.yaml').uri} ...; histodiff evaluate --config ...\n")
+    header = (
+        f"# histodiff sweep {output}: best of {len(rows)} trials, val macro-F1 {best['val_macro_f1']:.4f}\n"
+        f"# use: histodiff generate --config {out.join('best.yaml').uri} ...; histodiff evaluate --config ...\n"
+    )
     write_atomic(out.join("best.yaml"), (header + yaml.safe_dump(best_dict, sort_keys=False)).encode())
     return {"best": best, "trials": rows, "best_config": out.join("best.yaml").uri}
+
+
+def sweep_report(result: dict, output: str) -> str:
+    """What `histodiff sweep` prints: the best trial and where the trials and its config are."""
+    best = result["best"]
+    return (
+        f"best of {len(result['trials'])} trials: guidance_scale {best['guidance_scale']}, confidence_threshold "
+        f"{best['confidence_threshold']}, synthetic_ratio {best['synthetic_ratio']}: val macro-F1 "
+        f"{best['val_macro_f1']:.4f}\ntrials: {output}/trials.csv; best config: {result['best_config']}"
+    )

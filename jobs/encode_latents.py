@@ -1,6 +1,7 @@
 """`histodiff encode-latents` as a Ray job (same code as the CLI).
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/encode_latents.py --config configs/paper.yaml ...
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/encode_latents.py --config configs/paper.yaml ...
 
 `python jobs/encode_latents.py --help` lists the arguments.
 """

@@ -1,6 +1,7 @@
 """`histodiff select` as a Ray job (same code as the CLI).
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/select_synthetic.py --config configs/paper.yaml ...
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/select_synthetic.py --config configs/paper.yaml ...
 
 `python jobs/select_synthetic.py --help` lists the arguments.
 """

@@ -1,6 +1,7 @@
 """`histodiff train-autoencoder` as a Ray job (same code as the CLI).
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/train_autoencoder.py --config configs/paper.yaml ...
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/train_autoencoder.py --config configs/paper.yaml ...
 
 `python jobs/train_autoencoder.py --help` lists the arguments.
 """

@@ -1,6 +1,7 @@
 """`histodiff train-judge` as a Ray job (same code as the CLI).
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/train_judge.py --config configs/paper.yaml ...
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/train_judge.py --config configs/paper.yaml ...
 
 `python jobs/train_judge.py --help` lists the arguments.
 """

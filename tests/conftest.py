@@ -67,9 +67,21 @@ def bucket(s3) -> str:
 
 
 # Tiny model settings for integration tests: two Train workers, a few steps, a small UNet.
-TINY = ["data.batch_size=8", "ray.num_workers=2", "autoencoder.max_steps=2", "autoencoder.decoder_steps=0", "autoencoder.gan_steps=0", "autoencoder.checkpoint_every=2",
-        "autoencoder.log_every=1", "diffusion.checkpoint_every=2", "diffusion.log_every=1", "diffusion.warmup_steps=2",
-        "unet.base_channels=32", "unet.channel_mult=1,2", "unet.attention_resolutions=2"]
+TINY = [
+    "data.batch_size=8",
+    "ray.num_workers=2",
+    "autoencoder.max_steps=2",
+    "autoencoder.decoder_steps=0",
+    "autoencoder.gan_steps=0",
+    "autoencoder.checkpoint_every=2",
+    "autoencoder.log_every=1",
+    "diffusion.checkpoint_every=2",
+    "diffusion.log_every=1",
+    "diffusion.warmup_steps=2",
+    "unet.base_channels=32",
+    "unet.channel_mult=1,2",
+    "unet.attention_resolutions=2",
+]
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +91,7 @@ def tiny_latents(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
     from histodiff_ray.config import load_config
     from histodiff_ray.data.ingest import ingest
     from histodiff_ray.data.latents import encode_latents
-    from histodiff_ray.train.trainer import train_autoencoder
+    from histodiff_ray.train.autoencoder import train_autoencoder
     from tests.data.test_ingest import make_labeled_input
 
     bucket = "train-runs"
@@ -93,7 +105,9 @@ def tiny_latents(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
     assert 0 < info["final_metrics"]["val_ssim"] < 1 and info["final_metrics"]["val_psnr"] > 5
     from histodiff_ray.storage import exists, open_location
 
-    assert exists(open_location(f"s3://{bucket}/runs/ae", cfg.storage).join("reconstructions.png"))  # real | reconstruction
+    assert exists(
+        open_location(f"s3://{bucket}/runs/ae", cfg.storage).join("reconstructions.png")
+    )  # real | reconstruction
     manifest = encode_latents(cfg, f"s3://{bucket}/tiles", f"s3://{bucket}/runs/ae/model/vae", f"s3://{bucket}/latents")
     assert manifest["rows"] == 48 and manifest["latent_shape"] == [4, 16, 16] and manifest["scale_factor"] > 0
     return overrides, bucket
@@ -125,19 +139,37 @@ def ray_head(tmp_path_factory, s3):
     temp_dir = tmp_path_factory.mktemp("rayhead")
     env = {**os.environ, **s3.env(), "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     for attempt in range(3):  # a port found free may be taken before Ray binds it: new ports, once more
-        gcs, dashboard, client, agent_listen, agent_grpc, metrics, node_manager, object_manager, env_agent = _free_ports(9)
+        gcs, dashboard, client, agent_listen, agent_grpc, metrics, node_manager, object_manager, env_agent = (
+            _free_ports(9)
+        )
         worker_lo = 20000 + (os.getpid() + 97 * attempt) % 500 * 20  # below Linux's ephemeral port range
-        cmd = [str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
-               f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_listen}",
-               f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-               f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-               f"--runtime-env-agent-port={env_agent}", f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 19}",
-               "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--dashboard-host=127.0.0.1"]
+        cmd = [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_listen}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}",
+            f"--runtime-env-agent-port={env_agent}",
+            f"--min-worker-port={worker_lo}",
+            f"--max-worker-port={worker_lo + 19}",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            "--dashboard-host=127.0.0.1",
+        ]
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         if started.returncode == 0:
             break
     else:
-        pytest.fail(f"ray start --head failed 3 times; last output:\n{started.stdout[-2000:]}\n{started.stderr[-3000:]}")
+        pytest.fail(
+            f"ray start --head failed 3 times; last output:\n{started.stdout[-2000:]}\n{started.stderr[-3000:]}"
+        )
     yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", env
     # `ray stop` would stop every cluster on the machine; end only this one's processes.
     out = subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split()
@@ -150,10 +182,23 @@ def ray_head(tmp_path_factory, s3):
 
 
 # Settings for the synthesis tests: a 2-step LDM, a tiny guide, a 2-epoch judge, shards of 2 tiles.
-GEN = ["diffusion.max_steps=2", "classifier.width=32", "classifier.channel_mult=1,2", "classifier.attention_resolutions=2",
-       "classifier.max_steps=4", "classifier.checkpoint_every=4", "classifier.log_every=2", "classifier.warmup_steps=0",
-       "downstream.epochs=2", "downstream.batch_size=16", "generate.shard_size=2", "generate.actors=2",
-       "sampling.ddim_steps=20", "selection.confidence_threshold=0.5", "generate.compile=false"]
+GEN = [
+    "diffusion.max_steps=2",
+    "classifier.width=32",
+    "classifier.channel_mult=1,2",
+    "classifier.attention_resolutions=2",
+    "classifier.max_steps=4",
+    "classifier.checkpoint_every=4",
+    "classifier.log_every=2",
+    "classifier.warmup_steps=0",
+    "downstream.epochs=2",
+    "downstream.batch_size=16",
+    "generate.shard_size=2",
+    "generate.actors=2",
+    "sampling.ddim_steps=20",
+    "selection.confidence_threshold=0.5",
+    "generate.compile=false",
+]
 
 
 @pytest.fixture(scope="session")
@@ -165,7 +210,8 @@ def tiny_models(tiny_latents):
 
     from histodiff_ray.config import load_config
     from histodiff_ray.judge import train_judge
-    from histodiff_ray.train.trainer import pretrain, train_classifier
+    from histodiff_ray.train.diffusion import pretrain
+    from histodiff_ray.train.guide import train_classifier
 
     overrides, bucket = tiny_latents
     overrides = overrides + GEN
@@ -177,9 +223,20 @@ def tiny_models(tiny_latents):
     info = train_classifier(cfg, f"s3://{bucket}/latents", f"{root}/ldm", f"{root}/classifier")
     leftover = sorted(set(glob.glob(checkpoints)) - before)
     judge = train_judge(cfg, f"s3://{bucket}/tiles", f"{root}/judge")
-    args = {"ldm": f"{root}/ldm", "classifier": f"{root}/classifier", "judge": f"{root}/judge", "tiles": f"s3://{bucket}/tiles"}
-    return {"overrides": overrides, "root": root, "args": args, "classifier_info": info, "judge": judge,
-            "leftover_checkpoints": leftover}
+    args = {
+        "ldm": f"{root}/ldm",
+        "classifier": f"{root}/classifier",
+        "judge": f"{root}/judge",
+        "tiles": f"s3://{bucket}/tiles",
+    }
+    return {
+        "overrides": overrides,
+        "root": root,
+        "args": args,
+        "classifier_info": info,
+        "judge": judge,
+        "leftover_checkpoints": leftover,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -202,13 +259,20 @@ def external_test_set(tmp_path_factory, shared_data) -> Path:
     from tests.data.test_ingest import make_labeled_input
 
     crc5 = shared_data / "crc5" / "train"
-    root = make_labeled_input(tmp_path_factory.mktemp("external") / "heldout", shared_data, classes=("AC", "H"), per_class=5, offset=1000)
+    root = make_labeled_input(
+        tmp_path_factory.mktemp("external") / "heldout", shared_data, classes=("AC", "H"), per_class=5, offset=1000
+    )
     (root / "AC" / "also_in_the_tile_set.jpg").write_bytes(sorted((crc5 / "AC").glob("*.jpg"))[0].read_bytes())
     (root / "H" / "truncated.jpg").write_bytes((crc5 / "H" / "train_image_H_0.jpg").read_bytes()[:300])
     return root
 
 
-EVALUATE = ["evaluate.seeds=2", "evaluate.cpus_per_run=0.5", "evaluate.label_fractions=0.5,1.0", "evaluate.pseudo_label_threshold=0.5"]
+EVALUATE = [
+    "evaluate.seeds=2",
+    "evaluate.cpus_per_run=0.5",
+    "evaluate.label_fractions=0.5,1.0",
+    "evaluate.pseudo_label_threshold=0.5",
+]
 
 
 @pytest.fixture(scope="session")
@@ -220,6 +284,12 @@ def tiny_evaluation(tiny_models, tiny_synthetic, external_test_set):
 
     cfg = load_config("cpu", tiny_models["overrides"] + EVALUATE)
     out = f"{tiny_models['root']}/eval"
-    result = evaluate(cfg, tiny_models["args"]["tiles"], out, synthetic={"tiny": tiny_synthetic}, judge=tiny_models["args"]["judge"],
-                      tests={"heldout": str(external_test_set)})
+    result = evaluate(
+        cfg,
+        tiny_models["args"]["tiles"],
+        out,
+        synthetic={"tiny": tiny_synthetic},
+        judge=tiny_models["args"]["judge"],
+        tests={"heldout": str(external_test_set)},
+    )
     return out, result

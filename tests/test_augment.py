@@ -4,7 +4,14 @@ changes) and HED stain jitter (colour deconvolution, each stain changed on its o
 import pytest
 import torch
 
-from histodiff_ray.augment import HED_STAINS, dihedral, random_dihedral, random_stain_jitter, rgb_to_stains, stains_to_rgb
+from histodiff_ray.augment import (
+    HED_STAINS,
+    dihedral,
+    random_dihedral,
+    random_stain_jitter,
+    rgb_to_stains,
+    stains_to_rgb,
+)
 
 
 def test_the_eight_elements_are_distinct_and_each_sample_is_one_of_them():

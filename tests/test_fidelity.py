@@ -50,11 +50,26 @@ def test_c2st_balances_sides_within_groups_and_skips_small_samples():
     # Whole sets: the larger side is cut to the smaller one's count.
     assert c2st(real, fake, steps=5, min_tiles=2)["n_per_side"] == 40
     # Per group: group 0 has 30 real / 10 fake, group 1 10 real / 40 fake → 10 + 10 per side.
-    result = c2st(real, fake, real_groups=np.repeat([0, 1], [30, 10]), fake_groups=np.repeat([0, 1], [10, 40]),
-                  steps=5, min_tiles=2)
+    result = c2st(
+        real,
+        fake,
+        real_groups=np.repeat([0, 1], [30, 10]),
+        fake_groups=np.repeat([0, 1], [10, 40]),
+        steps=5,
+        min_tiles=2,
+    )
     assert result["n_per_side"] == 20 and result["n_test"] == 20
-    assert c2st(real, fake, real_groups=np.repeat([0, 1], [30, 10]), fake_groups=np.repeat([0, 1], [10, 40]),
-                steps=5, min_tiles=21) is None
+    assert (
+        c2st(
+            real,
+            fake,
+            real_groups=np.repeat([0, 1], [30, 10]),
+            fake_groups=np.repeat([0, 1], [10, 40]),
+            steps=5,
+            min_tiles=21,
+        )
+        is None
+    )
     assert c2st(real[:0], fake, min_tiles=2) is None
 
 
@@ -83,13 +98,18 @@ def _tiles_with_few_labeled(tiles_uri: str, cfg, folder) -> str:
         for split in table.column("split").to_pylist():
             labeled.append(split == "train" and seen < 2)
             seen += split == "train"
-        record.update(write_shard(root, record["path"], table.set_column(table.schema.get_field_index("labeled"), "labeled", [labeled])))
+        record.update(
+            write_shard(
+                root, record["path"], table.set_column(table.schema.get_field_index("labeled"), "labeled", [labeled])
+            )
+        )
     save_manifest(root, manifest)
     return local
 
 
-def test_fidelity_command_measures_each_set_with_one_oracle_reused_across_runs(tiny_models, tiny_synthetic,
-                                                                              tmp_path, capsys):
+def test_fidelity_command_measures_each_set_with_one_oracle_reused_across_runs(
+    tiny_models, tiny_synthetic, tmp_path, capsys
+):
     import io
 
     from histodiff_ray.cli import main
@@ -99,8 +119,21 @@ def test_fidelity_command_measures_each_set_with_one_oracle_reused_across_runs(t
     cfg = load_config("cpu", tiny_models["overrides"])
     tiles = _tiles_with_few_labeled(tiny_models["args"]["tiles"], cfg, tmp_path / "tiles")
     root = tiny_models["root"]
-    args = ["fidelity", "--tiles", tiles, "--synthetic", f"cg={tiny_synthetic}", "--synthetic", tiny_synthetic,
-            "--oracle", f"{root}/oracle", "--c2st-min-tiles", "2", *tiny_models["overrides"], "downstream.epochs=1"]
+    args = [
+        "fidelity",
+        "--tiles",
+        tiles,
+        "--synthetic",
+        f"cg={tiny_synthetic}",
+        "--synthetic",
+        tiny_synthetic,
+        "--oracle",
+        f"{root}/oracle",
+        "--c2st-min-tiles",
+        "2",
+        *tiny_models["overrides"],
+        "downstream.epochs=1",
+    ]
     assert main(args[:1] + ["--output", f"{root}/fidelity"] + args[1:]) == 0
     printed = capsys.readouterr().out
     result = json.loads(read_bytes(open_location(f"{root}/fidelity/fidelity.json", cfg.storage)))
@@ -136,16 +169,48 @@ def test_fidelity_command_measures_each_set_with_one_oracle_reused_across_runs(t
 
     # A second run (of one set) finds the oracle in its folder and measures with it, unchanged.
     weights = read_bytes(open_location(f"{root}/oracle/model.safetensors", cfg.storage))
-    assert main(["fidelity", "--tiles", tiles, "--synthetic", f"cg={tiny_synthetic}", "--oracle", f"{root}/oracle",
-                 "--output", f"{root}/fidelity-again", "--c2st-min-tiles", "2", *tiny_models["overrides"]]) == 0
+    assert (
+        main(
+            [
+                "fidelity",
+                "--tiles",
+                tiles,
+                "--synthetic",
+                f"cg={tiny_synthetic}",
+                "--oracle",
+                f"{root}/oracle",
+                "--output",
+                f"{root}/fidelity-again",
+                "--c2st-min-tiles",
+                "2",
+                *tiny_models["overrides"],
+            ]
+        )
+        == 0
+    )
     assert "reusing the oracle" in capsys.readouterr().out
     again = json.loads(read_bytes(open_location(f"{root}/fidelity-again/fidelity.json", cfg.storage)))
     assert again["oracle"]["reused"] is True and again["sets"] == {"cg": result["sets"]["cg"]}
     assert read_bytes(open_location(f"{root}/oracle/model.safetensors", cfg.storage)) == weights
 
     # A folder holding another kind of tile classifier (the judge) is not taken for an oracle.
-    assert main(["fidelity", "--tiles", tiles, "--synthetic", tiny_synthetic, "--oracle", tiny_models["args"]["judge"],
-                 "--output", f"{root}/fidelity-judge", *tiny_models["overrides"]]) == 2
+    assert (
+        main(
+            [
+                "fidelity",
+                "--tiles",
+                tiles,
+                "--synthetic",
+                tiny_synthetic,
+                "--oracle",
+                tiny_models["args"]["judge"],
+                "--output",
+                f"{root}/fidelity-judge",
+                *tiny_models["overrides"],
+            ]
+        )
+        == 2
+    )
     assert "not a fidelity oracle" in capsys.readouterr().err
 
     # The report shows the tables and the sentence about the oracle.
@@ -160,9 +225,28 @@ def test_fidelity_curve_measures_every_registered_checkpoint_by_samples_seen(tin
 
     cfg = load_config("cpu", tiny_models["overrides"])
     root, ldm = tiny_models["root"], tiny_models["args"]["ldm"]
-    assert main(["fidelity-curve", "--run", ldm, "--tiles", tiny_models["args"]["tiles"], "--oracle", f"{root}/oracle-curve",
-                 "--output", f"{root}/curve", "--n", "8", "--steps", "2", *tiny_models["overrides"],
-                 "downstream.epochs=1"]) == 0
+    assert (
+        main(
+            [
+                "fidelity-curve",
+                "--run",
+                ldm,
+                "--tiles",
+                tiny_models["args"]["tiles"],
+                "--oracle",
+                f"{root}/oracle-curve",
+                "--output",
+                f"{root}/curve",
+                "--n",
+                "8",
+                "--steps",
+                "2",
+                *tiny_models["overrides"],
+                "downstream.epochs=1",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(read_bytes(open_location(f"{root}/curve/curve.json", cfg.storage)))
     snapshot = json.loads(read_bytes(open_location(f"{ldm}/checkpoint_manager_snapshot.json", cfg.storage)))
     assert len(rows) == len(snapshot["checkpoint_results"]) >= 1

@@ -54,13 +54,31 @@ def test_classifier_reports_val_accuracy_per_noise_bucket_and_loads_from_its_fol
 
 
 def _shards(out):
-    return sorted(n for n in list_files(out.join("shards")) if n.endswith(".parquet")) if exists(out.join("shards")) else []
-
+    return (
+        sorted(n for n in list_files(out.join("shards")) if n.endswith(".parquet"))
+        if exists(out.join("shards"))
+        else []
+    )
 
 
 def _cli(args, overrides, output, env):
-    return [str(BIN / "histodiff"), "generate", "--ldm", args["ldm"], "--classifier", args["classifier"], "--judge", args["judge"],
-            "--tiles", args["tiles"], "--output", output, "--per-class", str(PER_CLASS), *overrides]
+    return [
+        str(BIN / "histodiff"),
+        "generate",
+        "--ldm",
+        args["ldm"],
+        "--classifier",
+        args["classifier"],
+        "--judge",
+        args["judge"],
+        "--tiles",
+        args["tiles"],
+        "--output",
+        output,
+        "--per-class",
+        str(PER_CLASS),
+        *overrides,
+    ]
 
 
 def test_generate_killed_half_way_then_rerun_gives_exactly_the_uninterrupted_set(models, ray_head):
@@ -77,7 +95,9 @@ def test_generate_killed_half_way_then_rerun_gives_exactly_the_uninterrupted_set
     env = {**env, "RAY_ADDRESS": gcs}
     out = open_location(f"{root}/drill", cfg.storage)
     total_shards = 2 * PER_CLASS // cfg.generate.shard_size
-    proc = subprocess.Popen(_cli(args, overrides, out.uri, env), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cli(args, overrides, out.uri, env), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline, done = time.time() + 300, []
     while time.time() < deadline and proc.poll() is None:
         done = _shards(out)
@@ -107,8 +127,10 @@ def test_generate_killed_half_way_then_rerun_gives_exactly_the_uninterrupted_set
     # Selection and provenance: every tile says where it came from and whether it was kept, and why not.
     kept = index.column("kept").to_pylist()
     reasons = index.column("reason").to_pylist()
-    assert all((k and r == "") or (not k and r in ("near_copy", "low_confidence", "centroid_mismatch", "over_cap"))
-               for k, r in zip(kept, reasons))
+    assert all(
+        (k and r == "") or (not k and r in ("near_copy", "low_confidence", "centroid_mismatch", "over_cap"))
+        for k, r in zip(kept, reasons)
+    )
     conf = np.array(index.column("confidence").to_pylist())
     assert all(c >= 0.5 for c, k in zip(conf, kept) if k)
     row = index.slice(0, 1).to_pylist()[0]
@@ -123,7 +145,7 @@ def test_generate_killed_half_way_then_rerun_gives_exactly_the_uninterrupted_set
 
     # A shard cut short later (a bad disk, an upload cut off): readers name it and the fix; a rerun remakes it.
     from histodiff_ray.data.shards import DamagedShardError
-    from histodiff_ray.generate import load_shards
+    from histodiff_ray.data.synthetic import load_shards
 
     name = sorted(before)[0]
     write_atomic(out.join("shards", name), before[name][:100])
@@ -147,8 +169,13 @@ def test_loading_the_models_from_s3_leaves_no_copy_on_local_disk(models, tmp_pat
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     sources = {"ldm": args["ldm"], "classifier": args["classifier"], "judge": args["judge"]}
-    actor = Synthesizer(make_plan(cfg, ["AC", "H"], 2, sources), str(tmp_path / "out"), dataclasses.asdict(cfg.storage),
-                        np.zeros((1, 16, 16), np.float32), torch.get_num_threads())
+    actor = Synthesizer(
+        make_plan(cfg, ["AC", "H"], 2, sources),
+        str(tmp_path / "out"),
+        dataclasses.asdict(cfg.storage),
+        np.zeros((1, 16, 16), np.float32),
+        torch.get_num_threads(),
+    )
     assert actor.guide is not None and actor.judge is not None and actor.centroids.shape[0] == 2
     # The LDM, guide and judge weights were copied from S3 to read them; the copies are gone.
     assert list(scratch.iterdir()) == []
@@ -165,7 +192,7 @@ def test_generate_refuses_to_mix_settings_in_one_output(models):
 
 
 def test_select_reruns_selection_alone_with_other_thresholds(models):
-    from histodiff_ray.generate import select_synthetic
+    from histodiff_ray.data.synthetic import select_synthetic
 
     cfg, overrides, root, _, _, _ = models
     strict = load_config("cpu", overrides + ["selection.confidence_threshold=1.0", "selection.max_per_class=1"])
@@ -184,8 +211,12 @@ def _tiles(loc, table):
     """tile_id → (PNG bytes, seed), read from the shards that ``table`` (an index) names."""
     found = {}
     for shard in sorted(set(table.column("shard").to_pylist())):
-        t = pq.read_table(io.BytesIO(read_bytes(loc.join("shards", f"{shard}.parquet"))), columns=["tile_id", "image", "seed"])
-        found.update(zip(t.column("tile_id").to_pylist(), zip(t.column("image").to_pylist(), t.column("seed").to_pylist())))
+        t = pq.read_table(
+            io.BytesIO(read_bytes(loc.join("shards", f"{shard}.parquet"))), columns=["tile_id", "image", "seed"]
+        )
+        found.update(
+            zip(t.column("tile_id").to_pylist(), zip(t.column("image").to_pylist(), t.column("seed").to_pylist()))
+        )
     return found
 
 
@@ -195,13 +226,21 @@ def test_classifier_free_guidance_fine_tunes_with_classes_and_generates_without_
     from histodiff_ray.errors import HistodiffError
     from histodiff_ray.generate import generate
     from histodiff_ray.ldm import LatentDiffusion
-    from histodiff_ray.train.trainer import pretrain
+    from histodiff_ray.train.diffusion import finetune
 
     _, overrides, root, args, _, _ = models
-    cfg = load_config("cpu", overrides + ["guidance.kind=classifier_free", "diffusion.finetune_steps=2",
-                                          "diffusion.finetune_warmup_steps=0", "sampling.ddim_steps=4"])
+    cfg = load_config(
+        "cpu",
+        overrides
+        + [
+            "guidance.kind=classifier_free",
+            "diffusion.finetune_steps=2",
+            "diffusion.finetune_warmup_steps=0",
+            "sampling.ddim_steps=4",
+        ],
+    )
     bucket = root.split("/")[2]
-    info = pretrain(cfg, [(f"s3://{bucket}/latents", 1.0)], f"{root}/ldm-cfg", finetune_from=args["ldm"])
+    info = finetune(cfg, [(f"s3://{bucket}/latents", 1.0)], f"{root}/ldm-cfg", args["ldm"])
     assert info["classes"] == ["AC", "H"] and info["step"] == 2
     ldm = LatentDiffusion.from_run(open_location(f"{root}/ldm-cfg", cfg.storage))
     assert ldm.null_class == 2
@@ -209,8 +248,13 @@ def test_classifier_free_guidance_fine_tunes_with_classes_and_generates_without_
         generate(cfg, **args | {"ldm": f"{root}/ldm-cfg"}, output=f"{root}/syn-cfg", per_class=2, progress=False)
     with pytest.raises(HistodiffError, match="unconditional"):
         generate(cfg, **args | {"classifier": None}, output=f"{root}/syn-cfg", per_class=2, progress=False)
-    summary = generate(cfg, **args | {"ldm": f"{root}/ldm-cfg", "classifier": None}, output=f"{root}/syn-cfg",
-                       per_class=2, progress=False)
+    summary = generate(
+        cfg,
+        **args | {"ldm": f"{root}/ldm-cfg", "classifier": None},
+        output=f"{root}/syn-cfg",
+        per_class=2,
+        progress=False,
+    )
     assert summary["tiles"] == 4
     out = open_location(f"{root}/syn-cfg", cfg.storage)
     table = pq.read_table(out.join("shards", "AC-00000.parquet").path, filesystem=out.filesystem)
@@ -235,8 +279,12 @@ def test_pseudo_labels_come_from_the_judge_for_unlabeled_train_tiles_only(models
     half = load_config("cpu", overrides + ["data.label_fraction=0.5", "guidance.pseudo_label_threshold=0.01"])
     src = make_labeled_input(tmp_path / "input", shared_data, classes=("AC", "H"), per_class=24)
     ingest(half, [str(src)], str(tmp_path / "tiles"), labeled=True, progress=False)
-    train = load_tile_table(open_location(str(tmp_path / "tiles"), half.storage), "train", columns=["tile_id", "labeled"])
-    unlabeled = {t for t, marked in zip(train.column("tile_id").to_pylist(), train.column("labeled").to_pylist()) if not marked}
+    train = load_tile_table(
+        open_location(str(tmp_path / "tiles"), half.storage), "train", columns=["tile_id", "labeled"]
+    )
+    unlabeled = {
+        t for t, marked in zip(train.column("tile_id").to_pylist(), train.column("labeled").to_pylist()) if not marked
+    }
     assert unlabeled
     labels, summary = pseudo_labels(half, args["judge"], str(tmp_path / "tiles"))
     assert set(labels) == unlabeled and set(labels.values()) <= {0, 1}  # a threshold below 1/2 keeps every guess

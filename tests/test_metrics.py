@@ -4,8 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from histodiff_ray.metrics import (classification_report, fid, kid, macro_f1, mean_ci, precision_recall, psnr,
-                                   ssim, t_cdf, t_quantile)
+from histodiff_ray.metrics import (
+    classification_report,
+    fid,
+    kid,
+    macro_f1,
+    mean_ci,
+    precision_recall,
+    psnr,
+    ssim,
+    t_cdf,
+    t_quantile,
+)
 
 
 def test_identical_images_score_perfectly_and_noise_scores_lower():
@@ -24,12 +34,13 @@ def test_psnr_matches_its_definition():
 
 def test_ssim_of_a_constant_shift_is_below_one_and_symmetric():
     a = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
-    b = (a * 0.5 + 0.25)
+    b = a * 0.5 + 0.25
     assert 0 < ssim(a, b).item() < 1
     torch.testing.assert_close(ssim(a, b), ssim(b, a))
 
 
 # --- classification -------------------------------------------------------------------------------
+
 
 def test_classification_report_on_a_hand_computed_example_with_a_class_never_predicted():
     y_true = np.array([0, 0, 0, 1, 1, 1, 2, 2])
@@ -49,8 +60,17 @@ def test_classification_report_on_a_hand_computed_example_with_a_class_never_pre
     assert r["balanced_accuracy"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
     assert r["macro_f1"] == pytest.approx(8 / 21)
     assert macro_f1(y_true, y_pred, 3) == pytest.approx(8 / 21)
-    assert set(r) == {"accuracy", "balanced_accuracy", "macro_f1", "per_class_recall", "per_class_precision",
-                      "per_class_f1", "per_class_support", "confusion", "n"}
+    assert set(r) == {
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "per_class_recall",
+        "per_class_precision",
+        "per_class_f1",
+        "per_class_support",
+        "confusion",
+        "n",
+    }
 
 
 def test_classes_absent_from_y_true_leave_balanced_accuracy_but_count_zero_in_macro_f1():
@@ -97,8 +117,11 @@ def test_classification_inputs_are_validated():
 
 # --- mean and confidence interval -----------------------------------------------------------------
 
-@pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452),
-                                          (30, 2.0423), (100, 1.9840), (10**8, 1.9600)])
+
+@pytest.mark.parametrize(
+    "df, expected",
+    [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452), (30, 2.0423), (100, 1.9840), (10**8, 1.9600)],
+)
 def test_t_quantile_matches_tables(df, expected):
     assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
     assert t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-4)
@@ -132,6 +155,7 @@ def test_mean_ci_on_a_hand_example():
 
 
 # --- generation metrics on feature vectors ---------------------------------------------------------
+
 
 def _exact_moments(n, mean, cov, seed):
     """n samples whose sample mean and (ddof=1) sample covariance are exactly ``mean`` and ``cov``."""

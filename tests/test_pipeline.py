@@ -14,8 +14,15 @@ from tests.conftest import GEN, TINY
 from tests.data.test_ingest import make_labeled_input
 
 BIN = Path(sys.executable).parent
-FAST = ["ray.num_workers=1", "evaluate.seeds=1", "evaluate.cpus_per_run=0.5", "generate.per_class=4", "sampling.ddim_steps=4",
-        "diffusion.finetune_steps=2", "diffusion.finetune_warmup_steps=0"]
+FAST = [
+    "ray.num_workers=1",
+    "evaluate.seeds=1",
+    "evaluate.cpus_per_run=0.5",
+    "generate.per_class=4",
+    "sampling.ddim_steps=4",
+    "diffusion.finetune_steps=2",
+    "diffusion.finetune_warmup_steps=0",
+]
 
 
 def test_stage_and_plan_hashes_are_the_ones_results_were_cached_under():
@@ -26,12 +33,22 @@ def test_stage_and_plan_hashes_are_the_ones_results_were_cached_under():
     from histodiff_ray.generate import make_plan
     from histodiff_ray.pipeline import stage_hash
 
-    cfg = load_config("cpu", ["diffusion.max_steps=2000", "diffusion.finetune_steps=600", "autoencoder.gan_steps=0"])  # 792a729's cpu profile
+    cfg = load_config(
+        "cpu", ["diffusion.max_steps=2000", "diffusion.finetune_steps=600", "autoencoder.gan_steps=0"]
+    )  # 792a729's cpu profile
     assert [stage_hash(cfg, s) for s in ("autoencoder", "pretrain", "classifier", "generate", "evaluate")] == [
-        "914e331e87", "16b9498d02", "558865ad5e", "ba1d69007f", "20c7fc6967"]
+        "914e331e87",
+        "16b9498d02",
+        "558865ad5e",
+        "ba1d69007f",
+        "20c7fc6967",
+    ]
     assert make_plan(cfg, ["A", "B"], 4, {})["hash"] == "bb13ac633eeb9cfe"
     changed = load_config("cpu", ["sampling.sampler=dpmsolver++", "diffusion.batch_size=8"])
-    assert stage_hash(changed, "pretrain") != "16b9498d02" and make_plan(changed, ["A", "B"], 4, {})["hash"] != "bb13ac633eeb9cfe"
+    assert (
+        stage_hash(changed, "pretrain") != "16b9498d02"
+        and make_plan(changed, ["A", "B"], 4, {})["hash"] != "bb13ac633eeb9cfe"
+    )
     # The adversarial decoder phase's settings count only when it is on.
     off = load_config("cpu", ["autoencoder.gan_steps=0", "autoencoder.gan_lr=1e-3"])
     assert stage_hash(off, "autoencoder") == "914e331e87" != stage_hash(load_config("cpu"), "autoencoder")
@@ -42,7 +59,9 @@ def _markers(work):
     return sorted(n.rsplit("-", 1)[0] for n in list_files(stages)) if exists(stages) else []
 
 
-def test_pipeline_resumes_after_a_kill_and_skips_finished_stages(s3, s3_overrides, bucket, shared_data, ray_head, tmp_path):
+def test_pipeline_resumes_after_a_kill_and_skips_finished_stages(
+    s3, s3_overrides, bucket, shared_data, ray_head, tmp_path
+):
     from histodiff_ray.config import load_config
 
     src = make_labeled_input(tmp_path / "input", shared_data, classes=("AC", "H"), per_class=24)
@@ -67,8 +86,18 @@ def test_pipeline_resumes_after_a_kill_and_skips_finished_stages(s3, s3_override
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for stage in done_before:
         assert f"[pipeline] {stage}: done before" in rerun.stdout
-    assert set(_markers(work)) == {"tiles-target", "autoencoder", "latents-target", "pretrain", "finetune", "classifier",
-                                   "judge", "synthetic", "fidelity", "evaluation"}
+    assert set(_markers(work)) == {
+        "tiles-target",
+        "autoencoder",
+        "latents-target",
+        "pretrain",
+        "finetune",
+        "classifier",
+        "judge",
+        "synthetic",
+        "fidelity",
+        "evaluation",
+    }
     result = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert result["report"].endswith("report/report.html") and exists(open_location(result["report"], cfg.storage))
 

@@ -19,13 +19,21 @@ def render(page_file: Path, screenshot: Path) -> list[dict]:
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
         # CEF's sample browser: headless through Ozone; only its persistent context opens pages.
         ctx = p.chromium.launch_persistent_context(
-            profile, executable_path=str(browser), args=["--ozone-platform=headless", "--disable-gpu", "--url=about:blank"],
-            viewport={"width": 1200, "height": 900}, timeout=60_000, env={**os.environ, "TMPDIR": profile})
+            profile,
+            executable_path=str(browser),
+            args=["--ozone-platform=headless", "--disable-gpu", "--url=about:blank"],
+            viewport={"width": 1200, "height": 900},
+            timeout=60_000,
+            env={**os.environ, "TMPDIR": profile},
+        )
         try:
             page = ctx.pages[0]
             page.goto(page_file.resolve().as_uri(), wait_until="load")
             page.screenshot(path=str(screenshot), full_page=True)
-            return page.evaluate("() => [...document.images].map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}))")
+            return page.evaluate(
+                "() => [...document.images].map(i => "
+                "({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}))"
+            )
         finally:
             ctx.close()
 
@@ -35,16 +43,31 @@ def test_report_renders_in_a_browser_with_every_image(tiny_models, tiny_syntheti
 
     cfg = load_config("cpu", tiny_models["overrides"])
     args = tiny_models["args"]
-    build_report(cfg, tiles=args["tiles"], output=str(tmp_path / "report"), synthetic=tiny_synthetic, evaluation=tiny_evaluation[0],
-                 runs={"ldm": args["ldm"], "classifier": args["classifier"]}, title="tiny report")
+    build_report(
+        cfg,
+        tiles=args["tiles"],
+        output=str(tmp_path / "report"),
+        synthetic=tiny_synthetic,
+        evaluation=tiny_evaluation[0],
+        runs={"ldm": args["ldm"], "classifier": args["classifier"]},
+        title="tiny report",
+    )
     page = tmp_path / "report" / "report.html"
     text = page.read_text()
-    for section in ("Real and synthetic tiles per class", "Selection", "Training curves", "Downstream accuracy", "Generation metrics"):
+    for section in (
+        "Real and synthetic tiles per class",
+        "Selection",
+        "Training curves",
+        "Downstream accuracy",
+        "Generation metrics",
+    ):
         assert section in text
     images = render(page, tmp_path / "shot.png")
     expected = sorted(p.name for p in (tmp_path / "report" / "img").iterdir())
     assert sorted(Path(i["src"]).name for i in images) == expected and len(expected) >= 8
     assert all(i["ok"] for i in images), [i["src"] for i in images if not i["ok"]]
     shot = Image.open(tmp_path / "shot.png").convert("RGBA")
-    flat = Image.alpha_composite(Image.new("RGBA", shot.size, "white"), shot).convert("L")  # CEF leaves the page transparent
+    flat = Image.alpha_composite(Image.new("RGBA", shot.size, "white"), shot).convert(
+        "L"
+    )  # CEF leaves the page transparent
     assert shot.size[1] > 900 and ImageStat.Stat(flat).stddev[0] > 5, "the screenshot is blank"

@@ -59,8 +59,13 @@ def test_each_rule_drops_exactly_the_tiles_it_should():
     kept, reason = decide(target, sel.confidence, nearest, real_distance, cfg)
     np.testing.assert_array_equal(kept, sel.kept)
     np.testing.assert_array_equal(reason, sel.reason)
-    kept, reason = decide(target, sel.confidence, nearest, real_distance,
-                          SelectionConfig(confidence_threshold=0.4, max_per_class=1, min_real_distance=0.0))
+    kept, reason = decide(
+        target,
+        sel.confidence,
+        nearest,
+        real_distance,
+        SelectionConfig(confidence_threshold=0.4, max_per_class=1, min_real_distance=0.0),
+    )
     assert reason.tolist() == ["", "over_cap", "over_cap", "", "", "centroid_mismatch"]
 
 
@@ -68,11 +73,24 @@ def test_confidence_threshold_is_inclusive_in_the_probabilities_precision():
     target = np.array([0, 0, 0])
     # float32(0.9) < 0.9 as a float64; it must still pass a threshold of 0.9.
     probs = _probs(target, [0.9, np.nextafter(np.float32(0.9), np.float32(0)), 1.0], dtype=np.float32)
-    sel = select(target, probs, _features([0, 0, 0]), CENTROIDS, None, SelectionConfig(confidence_threshold=0.9, min_real_distance=0.0))
+    sel = select(
+        target,
+        probs,
+        _features([0, 0, 0]),
+        CENTROIDS,
+        None,
+        SelectionConfig(confidence_threshold=0.9, min_real_distance=0.0),
+    )
     assert sel.reason.tolist() == ["", "low_confidence", ""]
     # torch inputs work the same way
-    sel_t = select(torch.as_tensor(target), torch.as_tensor(probs), torch.as_tensor(_features([0, 0, 0])),
-                   torch.as_tensor(CENTROIDS), None, SelectionConfig(confidence_threshold=0.9, min_real_distance=0.0))
+    sel_t = select(
+        torch.as_tensor(target),
+        torch.as_tensor(probs),
+        torch.as_tensor(_features([0, 0, 0])),
+        torch.as_tensor(CENTROIDS),
+        None,
+        SelectionConfig(confidence_threshold=0.9, min_real_distance=0.0),
+    )
     assert sel_t.reason.tolist() == ["", "low_confidence", ""]
 
 
@@ -85,12 +103,20 @@ def test_centroid_agreement_is_cosine_not_euclidean():
     target = np.array([0, 0])
     euclid = np.linalg.norm(features[:, None] - centroids[None], axis=-1).argmin(1)
     assert euclid.tolist() == [1, 1]  # the case the choice matters for
-    sel = select(target, probs, features, centroids, None, SelectionConfig(confidence_threshold=0.5, min_real_distance=0.0))
+    sel = select(
+        target, probs, features, centroids, None, SelectionConfig(confidence_threshold=0.5, min_real_distance=0.0)
+    )
     assert sel.nearest_centroid.tolist() == [0, 1]
     assert sel.reason.tolist() == ["", "centroid_mismatch"]
     # invariant to each feature's norm
-    sel2 = select(target, probs, features * np.array([[1e-3], [1e3]]), centroids, None,
-                  SelectionConfig(confidence_threshold=0.5, min_real_distance=0.0))
+    sel2 = select(
+        target,
+        probs,
+        features * np.array([[1e-3], [1e3]]),
+        centroids,
+        None,
+        SelectionConfig(confidence_threshold=0.5, min_real_distance=0.0),
+    )
     assert sel2.nearest_centroid.tolist() == [0, 1]
     np.testing.assert_allclose(sel2.centroid_similarity, sel.centroid_similarity)
     np.testing.assert_allclose(sel.centroid_similarity, [1.0 / np.sqrt(1.0 + 0.95**2), 0.95 / np.sqrt(1.0 + 0.95**2)])
@@ -128,21 +154,39 @@ def test_cap_keeps_the_most_confident_per_class_with_index_tie_break():
     rng = np.random.default_rng(0)
     for _ in range(5):
         perm = rng.permutation(8)
-        p_sel = select(target[perm], _probs(target[perm], np.array(conf)[perm]), features[perm], CENTROIDS,
-                       real_distance[perm], cfg)
+        p_sel = select(
+            target[perm],
+            _probs(target[perm], np.array(conf)[perm]),
+            features[perm],
+            CENTROIDS,
+            real_distance[perm],
+            cfg,
+        )
         kept_original = set(perm[p_sel.kept].tolist())
         # the tie 0/2 is broken by the *current* index: whichever of them comes first in the permutation
         first_of_tie = 0 if np.flatnonzero(perm == 0)[0] < np.flatnonzero(perm == 2)[0] else 2
         assert kept_original == {1, 3, first_of_tie, 5, 6}
-        again = select(target[perm], _probs(target[perm], np.array(conf)[perm]), features[perm], CENTROIDS,
-                       real_distance[perm], cfg)
+        again = select(
+            target[perm],
+            _probs(target[perm], np.array(conf)[perm]),
+            features[perm],
+            CENTROIDS,
+            real_distance[perm],
+            cfg,
+        )
         np.testing.assert_array_equal(again.kept, p_sel.kept)
 
 
 def test_cap_of_one_on_many_ties_keeps_the_lowest_index():
     target = np.zeros(6, dtype=int)
-    sel = select(target, _probs(target, [0.95] * 6), _features(target), CENTROIDS, None,
-                 SelectionConfig(confidence_threshold=0.9, max_per_class=1, min_real_distance=0.0))
+    sel = select(
+        target,
+        _probs(target, [0.95] * 6),
+        _features(target),
+        CENTROIDS,
+        None,
+        SelectionConfig(confidence_threshold=0.9, max_per_class=1, min_real_distance=0.0),
+    )
     assert sel.kept.tolist() == [True, False, False, False, False, False]
     assert sel.reason.tolist() == ["", "over_cap", "over_cap", "over_cap", "over_cap", "over_cap"]
 
@@ -154,14 +198,21 @@ def test_zero_min_real_distance_disables_the_audit():
     off = select(target, probs, _features(target), CENTROIDS, zero, SelectionConfig(min_real_distance=0.0))
     assert off.kept.all() and not off.near_copy.any()
     assert select(target, probs, _features(target), CENTROIDS, None, SelectionConfig(min_real_distance=0.0)).kept.all()
-    on = select(target, probs, _features(target), CENTROIDS, np.array([0.0, 3.0, 2.999]),
-                SelectionConfig(min_real_distance=3.0))
+    on = select(
+        target, probs, _features(target), CENTROIDS, np.array([0.0, 3.0, 2.999]), SelectionConfig(min_real_distance=3.0)
+    )
     assert on.reason.tolist() == ["near_copy", "", "near_copy"]
     with pytest.raises(ValueError, match="needs real_distance"):
         select(target, probs, _features(target), CENTROIDS, None, SelectionConfig(min_real_distance=1.0))
     with pytest.raises(ValueError, match="NaN"):
-        select(target, probs, _features(target), CENTROIDS, np.array([1.0, np.nan, 5.0]),
-               SelectionConfig(min_real_distance=1.0))
+        select(
+            target,
+            probs,
+            _features(target),
+            CENTROIDS,
+            np.array([1.0, np.nan, 5.0]),
+            SelectionConfig(min_real_distance=1.0),
+        )
 
 
 def test_bad_shapes_and_targets_are_refused():
@@ -171,7 +222,9 @@ def test_bad_shapes_and_targets_are_refused():
         select(np.array([0, 3]), probs, _features(target), CENTROIDS, None, SelectionConfig(min_real_distance=0.0))
     with pytest.raises(ValueError, match="centroids"):
         select(target, probs, _features(target), CENTROIDS[:2], None, SelectionConfig(min_real_distance=0.0))
-    empty = select(np.zeros(0, int), np.zeros((0, K)), np.zeros((0, K)), CENTROIDS, None, SelectionConfig(min_real_distance=0.0))
+    empty = select(
+        np.zeros(0, int), np.zeros((0, K)), np.zeros((0, K)), CENTROIDS, None, SelectionConfig(min_real_distance=0.0)
+    )
     assert empty.kept.shape == (0,) and empty.reason.shape == (0,)
 
 
@@ -217,14 +270,16 @@ def test_nearest_real_distance_is_zero_for_copies_and_rotations_and_large_otherw
     real = _tiles(12, seed=1)
     brighter = np.clip(real[9].astype(int) + 10, 0, 255).astype(np.uint8)
     assert (real[9].astype(int) + 10).max() <= 255  # no clipping: exactly +10 grey levels
-    synthetic = np.stack([
-        real[2],  # exact copy
-        np.rot90(real[5], 1),  # rotated
-        real[3][::-1],  # flipped
-        np.ascontiguousarray(np.rot90(real[7], 1)[:, ::-1]),  # rotated and flipped (a transpose)
-        brighter,
-        _tiles(1, seed=99)[0],  # unrelated
-    ])
+    synthetic = np.stack(
+        [
+            real[2],  # exact copy
+            np.rot90(real[5], 1),  # rotated
+            real[3][::-1],  # flipped
+            np.ascontiguousarray(np.rot90(real[7], 1)[:, ::-1]),  # rotated and flipped (a transpose)
+            brighter,
+            _tiles(1, seed=99)[0],  # unrelated
+        ]
+    )
     dist, idx = nearest_real(synthetic, real)
     assert dist[:4].tolist() == [0.0, 0.0, 0.0, 0.0]
     assert idx[:5].tolist() == [2, 5, 3, 7, 9]

@@ -5,7 +5,15 @@ import sys
 import pytest
 
 from histodiff_ray.config import load_config
-from histodiff_ray.storage import StorageError, check_access, exists, list_files, open_location, read_bytes, write_atomic
+from histodiff_ray.storage import (
+    StorageError,
+    check_access,
+    exists,
+    list_files,
+    open_location,
+    read_bytes,
+    write_atomic,
+)
 
 
 def test_local_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
@@ -44,8 +52,15 @@ def test_endpoint_and_credentials_from_standard_aws_variables(s3, bucket, monkey
 
 
 def test_wrong_credentials_name_the_endpoint_and_fix_without_leaking_the_secret(s3, bucket):
-    cfg = load_config("cpu", [f"storage.endpoint_url={s3.endpoint_url}", "storage.access_key_id=" + s3.access_key,
-                              "storage.secret_access_key=wrong-secret-123", "storage.retries=1"])
+    cfg = load_config(
+        "cpu",
+        [
+            f"storage.endpoint_url={s3.endpoint_url}",
+            "storage.access_key_id=" + s3.access_key,
+            "storage.secret_access_key=wrong-secret-123",
+            "storage.retries=1",
+        ],
+    )
     with pytest.raises(StorageError) as err:
         check_access(open_location(f"s3://{bucket}/x", cfg.storage), "read")
     message = str(err.value)
@@ -54,8 +69,16 @@ def test_wrong_credentials_name_the_endpoint_and_fix_without_leaking_the_secret(
 
 
 def test_unreachable_endpoint_is_one_clear_error():
-    cfg = load_config("cpu", ["storage.endpoint_url=http://127.0.0.1:9", "storage.access_key_id=a",
-                              "storage.secret_access_key=b", "storage.retries=1", "storage.connect_timeout_s=1"])
+    cfg = load_config(
+        "cpu",
+        [
+            "storage.endpoint_url=http://127.0.0.1:9",
+            "storage.access_key_id=a",
+            "storage.secret_access_key=b",
+            "storage.retries=1",
+            "storage.connect_timeout_s=1",
+        ],
+    )
     with pytest.raises(StorageError, match="cannot reach S3 endpoint http://127.0.0.1:9"):
         check_access(open_location("s3://bucket/x", cfg.storage), "read")
 
@@ -64,9 +87,21 @@ def test_unreachable_endpoint_is_one_clear_error():
 def test_cli_reports_storage_failures_in_one_line_without_traceback(s3, tmp_path, secret):
     endpoint = s3.endpoint_url if secret else "http://127.0.0.1:9"
     (tmp_path / "in" / "A").mkdir(parents=True)
-    cmd = [sys.executable, "-m", "histodiff_ray.cli", "ingest", "--input", str(tmp_path / "in"), "--labeled",
-           "--output", "s3://nobucket/out", f"storage.endpoint_url={endpoint}", f"storage.access_key_id={s3.access_key}",
-           f"storage.secret_access_key={secret or 'x'}", "storage.retries=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "histodiff_ray.cli",
+        "ingest",
+        "--input",
+        str(tmp_path / "in"),
+        "--labeled",
+        "--output",
+        "s3://nobucket/out",
+        f"storage.endpoint_url={endpoint}",
+        f"storage.access_key_id={s3.access_key}",
+        f"storage.secret_access_key={secret or 'x'}",
+        "storage.retries=1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

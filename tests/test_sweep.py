@@ -14,9 +14,19 @@ from histodiff_ray.storage import open_location, read_bytes
 def test_sweep_writes_trials_and_a_best_config_generate_accepts(tiny_models, tmp_path):
     from histodiff_ray.sweep import sweep
 
-    cfg = load_config("cpu", tiny_models["overrides"] + [
-        "sweep.trials=2", "sweep.guidance_scales=0,5,10", "sweep.per_class=4", "sweep.epochs=2", "sweep.grace_epochs=1",
-        "sweep.concurrency=2", "sampling.ddim_steps=4"])
+    cfg = load_config(
+        "cpu",
+        tiny_models["overrides"]
+        + [
+            "sweep.trials=2",
+            "sweep.guidance_scales=0,5,10",
+            "sweep.per_class=4",
+            "sweep.epochs=2",
+            "sweep.grace_epochs=1",
+            "sweep.concurrency=2",
+            "sampling.ddim_steps=4",
+        ],
+    )
     out = f"{tiny_models['root']}/sweep"
     result = sweep(cfg, output=out, **tiny_models["args"])
     loc = open_location(out, cfg.storage)
@@ -34,6 +44,21 @@ def test_sweep_writes_trials_and_a_best_config_generate_accepts(tiny_models, tmp
     best = load_config(str(best_file))
     assert best.sampling.guidance_scale == float(result["best"]["guidance_scale"])
     assert abs(best.selection.confidence_threshold - float(result["best"]["confidence_threshold"])) < 1e-9
-    args = build_parser().parse_args(["generate", "--config", str(best_file), "--ldm", "L", "--classifier", "C",
-                                      "--judge", "J", "--tiles", "T", "--output", "O"])
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--config",
+            str(best_file),
+            "--ldm",
+            "L",
+            "--classifier",
+            "C",
+            "--judge",
+            "J",
+            "--tiles",
+            "T",
+            "--output",
+            "O",
+        ]
+    )
     assert args.config == str(best_file)

@@ -3,8 +3,9 @@
 Offline-augmented datasets (crc5 among them) ship rotated/flipped copies of the same tile. After
 JPEG re-encoding they are no longer pixel-identical, so they are matched on 16×16 signatures: two
 tiles are in one group when some rotation/flip of one lies within ``max_rms`` grey levels (RMS,
-after removing each signature's mean brightness) of the other. On crc5 the nearest-copy distances have an empty band between ~2 and ~8 levels, so the
-default of 4 sits in the gap. Groups decide splits together, so copies never straddle train/test.
+after removing each signature's mean brightness) of the other. On crc5 the nearest-copy distances
+have an empty band between ~2 and ~8 levels, so the default of 4 sits in the gap. Groups decide
+splits together, so copies never straddle train/test.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def assign_groups(
     new_idx = np.flatnonzero(is_new)
     uf = _UnionFind(n)
     for start in range(0, len(new_idx), _BLOCK):
-        rows = new_idx[start:start + _BLOCK]
+        rows = new_idx[start : start + _BLOCK]
         # Necessary condition, cheap for all pairs at once (see _rank_profiles).
         d2 = prof_sq[rows, None] + prof_sq[None, :] - 2.0 * profiles[rows] @ profiles.T
         d2[np.arange(len(rows)), rows] = np.inf

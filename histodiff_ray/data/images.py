@@ -100,7 +100,7 @@ def square_field(rgb: np.ndarray, tile_size: int, keep_resolution: bool) -> np.n
         raise BadImage(f"tile is {w}×{h} px, smaller than data.tile_size={tile_size}")
     side = tile_size if keep_resolution else min(h, w)
     y0, x0 = (h - side) // 2, (w - side) // 2
-    return np.ascontiguousarray(rgb[y0:y0 + side, x0:x0 + side])
+    return np.ascontiguousarray(rgb[y0 : y0 + side, x0 : x0 + side])
 
 
 def to_tile_size(square: np.ndarray, tile_size: int) -> np.ndarray:
@@ -131,7 +131,7 @@ def cut_region(rgb: np.ndarray, tile_size: int, min_tissue: float) -> tuple[list
     for j in range(ny):
         for i in range(nx):
             x, y = x0 + i * tile_size, y0 + j * tile_size
-            tile = rgb[y:y + tile_size, x:x + tile_size]
+            tile = rgb[y : y + tile_size, x : x + tile_size]
             if tissue_mask(tile).mean() >= min_tissue:
                 kept.append((x, y, np.ascontiguousarray(tile)))
             else:

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,7 @@ from histodiff_ray.data.tiles import (
     shard_paths,
 )
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.storage import Location, check_access, list_files, open_location, write_atomic
+from histodiff_ray.storage import Location, check_access, list_files, open_location
 
 SAFE_CLASS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 FILES_PER_TASK = 64
@@ -160,24 +161,44 @@ def plan_sources(loc: Location, labeled: bool, source_name: str | None) -> tuple
         parts = rel.split("/")
         if not loc.is_s3 and os.path.islink(item.path):
             if _is_outside(item.path, loc.path):
-                quarantined.append({"path": item.uri, "reason": "symbolic link pointing outside the input root; copy the file in instead"})
+                quarantined.append(
+                    {
+                        "path": item.uri,
+                        "reason": "symbolic link pointing outside the input root; copy the file in instead",
+                    }
+                )
                 continue
             if os.path.isdir(item.path):
-                quarantined.append({"path": item.uri, "reason": "symbolic link to a folder; links to folders are not followed"})
+                quarantined.append(
+                    {"path": item.uri, "reason": "symbolic link to a folder; links to folders are not followed"}
+                )
                 continue
         ext = os.path.splitext(rel)[1].lower()
         if ext not in images.IMAGE_EXTENSIONS:
-            quarantined.append({"path": item.uri, "reason": f"extension {ext or '(none)'!r} is not an image type {images.IMAGE_EXTENSIONS}"})
+            quarantined.append(
+                {
+                    "path": item.uri,
+                    "reason": f"extension {ext or '(none)'!r} is not an image type {images.IMAGE_EXTENSIONS}",
+                }
+            )
             continue
         if labeled:
             if len(parts) < 2:
-                quarantined.append({"path": item.uri, "reason": "labeled input must be <root>/<CLASS>/<file>; move the file into its class folder"})
+                quarantined.append(
+                    {
+                        "path": item.uri,
+                        "reason": "labeled input must be <root>/<CLASS>/<file>; move the file into its class folder",
+                    }
+                )
                 continue
             if not SAFE_CLASS.match(parts[0]):
-                quarantined.append({
-                    "path": item.uri,
-                    "reason": f"class folder name {parts[0]!r} is not a safe identifier (a letter, then letters, digits, _ or -); rename the folder",
-                })
+                quarantined.append(
+                    {
+                        "path": item.uri,
+                        "reason": f"class folder name {parts[0]!r} is not a safe identifier (a letter, then letters, "
+                        "digits, _ or -); rename the folder",
+                    }
+                )
                 continue
             work.append(SourceFile(item.uri, item.path, base, parts[0]))
         else:
@@ -242,7 +263,7 @@ def labeled_at_fraction(train_groups: dict[str, str], labeled: set[str], fractio
     keep = set()
     for members in by_class.values():
         ranked = sorted((g for g in members if g in labeled), key=lambda g: _label_rank(split_seed, g))
-        keep.update(ranked[:math.ceil(len(members) * fraction)])
+        keep.update(ranked[: math.ceil(len(members) * fraction)])
     return keep
 
 
@@ -259,10 +280,12 @@ class TileIndex:
         self.position = {t: i for i, t in enumerate(self.rows["tile_id"])}
 
     @classmethod
-    def load(cls, root: Location, manifest: dict) -> "TileIndex":
+    def load(cls, root: Location, manifest: dict) -> TileIndex:
         if not manifest["shards"]:
             return cls()
-        tables = [pq.read_table(p, columns=cls.COLUMNS, filesystem=root.filesystem) for p in shard_paths(root, manifest)]
+        tables = [
+            pq.read_table(p, columns=cls.COLUMNS, filesystem=root.filesystem) for p in shard_paths(root, manifest)
+        ]
         return cls(pa.concat_tables(tables))
 
     def add(self, records: list[dict]) -> None:
@@ -298,7 +321,8 @@ def _check_frozen(manifest: dict, cfg: Config, output: Location) -> None:
     for key in FROZEN_SETTINGS:
         if manifest[key] != getattr(cfg.data, key):
             raise IngestError(
-                f"the tile set at {output} was built with data.{key}={manifest[key]!r}, not {getattr(cfg.data, key)!r}; "
+                f"the tile set at {output} was built with data.{key}={manifest[key]!r}, not "
+                f"{getattr(cfg.data, key)!r}; "
                 f"pass data.{key}={manifest[key]!r} or use a new --output"
             )
 
@@ -319,20 +343,28 @@ def _summarise(manifest: dict, index: TileIndex) -> None:
         members.setdefault(rows["dup_group"][i], []).append(i)
     groups = []
     for g, idx in sorted(members.items()):
-        origins = [rows["origin"][i] for i in idx] + [a for i in idx for a in manifest["aliases"].get(rows["tile_id"][i], [])]
+        origins = [rows["origin"][i] for i in idx] + [
+            a for i in idx for a in manifest["aliases"].get(rows["tile_id"][i], [])
+        ]
         if len(origins) > 1:
-            groups.append({
-                "group": g,
-                "tile_ids": [rows["tile_id"][i] for i in idx],
-                "origins": origins,
-                "labels": sorted({rows["label_name"][i] or UNLABELED for i in idx}),
-                "split": rows["split"][idx[0]],
-            })
+            groups.append(
+                {
+                    "group": g,
+                    "tile_ids": [rows["tile_id"][i] for i in idx],
+                    "origins": origins,
+                    "labels": sorted({rows["label_name"][i] or UNLABELED for i in idx}),
+                    "split": rows["split"][idx[0]],
+                }
+            )
     manifest["counts"] = counts
     manifest["labeled_train"] = labeled_train
     manifest["sources_by_split"] = sources_by_split
     manifest["kept"] = len(index)
-    manifest["duplicate_groups"] = {"count": len(groups), "tiles": sum(len(g["origins"]) for g in groups), "groups": groups}
+    manifest["duplicate_groups"] = {
+        "count": len(groups),
+        "tiles": sum(len(g["origins"]) for g in groups),
+        "groups": groups,
+    }
 
 
 def _task_batches(plan: list[tuple[Location, SourceFile]]):
@@ -370,15 +402,22 @@ def _commit_chunk(results: list[FileResult], manifest: dict, index: TileIndex, o
         for t in res.tiles:
             tid = t["tile_id"]
             twin = fresh_ids.get(tid) or (
-                {"label_name": index.rows["label_name"][index.position[tid]], "origin": index.rows["origin"][index.position[tid]]}
-                if tid in index.position else None
+                {
+                    "label_name": index.rows["label_name"][index.position[tid]],
+                    "origin": index.rows["origin"][index.position[tid]],
+                }
+                if tid in index.position
+                else None
             )
             if twin is not None:
                 if twin["label_name"] != t["label_name"]:
-                    manifest["quarantined"].append({
-                        "path": t["origin"],
-                        "reason": f"same pixels as {twin['origin']} but labeled {t['label_name']!r}, not {twin['label_name']!r}; fix the label",
-                    })
+                    manifest["quarantined"].append(
+                        {
+                            "path": t["origin"],
+                            "reason": f"same pixels as {twin['origin']} but labeled {t['label_name']!r}, not "
+                            "{twin['label_name']!r}; fix the label",
+                        }
+                    )
                 elif twin["origin"] != t["origin"]:
                     manifest["aliases"].setdefault(tid, []).append(t["origin"])
                 continue
@@ -400,16 +439,20 @@ def _commit_chunk(results: list[FileResult], manifest: dict, index: TileIndex, o
 
 def _place(fresh: list[dict], index: TileIndex, manifest: dict, cfg: Config) -> None:
     """Duplicate groups, split, label mark and label index for new tiles (in place)."""
-    sigs = [np.frombuffer(s, np.uint8) for s in index.rows["signature"]] + [np.frombuffer(t["signature"], np.uint8) for t in fresh]
+    sigs = [np.frombuffer(s, np.uint8) for s in index.rows["signature"]] + [
+        np.frombuffer(t["signature"], np.uint8) for t in fresh
+    ]
     side = images.SIGNATURE_SIZE
     stacked = np.stack(sigs).reshape(-1, side, side, 3)
     ids = index.rows["tile_id"] + [t["tile_id"] for t in fresh]
     known = list(index.rows["dup_group"]) + [None] * len(fresh)
-    groups = assign_groups(stacked, ids, known)[len(index):]
+    groups = assign_groups(stacked, ids, known)[len(index) :]
     existing: dict[str, tuple[str, bool]] = {}
     stored_splits: dict[str, list[str]] = {}
     stored_marks: dict[str, list[bool]] = {}
-    for g, split, mark, name in zip(index.rows["dup_group"], index.rows["split"], index.rows["labeled"], index.rows["label_name"]):
+    for g, split, mark, name in zip(
+        index.rows["dup_group"], index.rows["split"], index.rows["labeled"], index.rows["label_name"]
+    ):
         if g in existing:
             continue  # one vote per group
         existing[g] = (split, mark)
@@ -439,7 +482,7 @@ def write_shards(tiles: list[dict], output: Location, manifest: dict, per_shard:
     with an index file beside it (every column but the pixels), which is what a damaged shard is
     rebuilt from (``repair_shards``)."""
     for start in range(0, len(tiles), per_shard):
-        part = tiles[start:start + per_shard]
+        part = tiles[start : start + per_shard]
         digest = hashlib.sha1("".join(t["tile_id"] for t in part).encode()).hexdigest()[:16]
         manifest["shards"].append(_write_shard_pair(output, f"part-{digest}.parquet", part))
 
@@ -451,8 +494,9 @@ def _write_shard_pair(output: Location, name: str, part: list[dict]) -> dict:
     return {**write_shard(output, f"shards/{name}", table, row_group_size=512), "index": index}
 
 
-def repair_shards(output: Location, manifest: dict, opts: "TileOptions", plan: list[tuple[Location, SourceFile]],
-                  verify: bool) -> int:
+def repair_shards(
+    output: Location, manifest: dict, opts: TileOptions, plan: list[tuple[Location, SourceFile]], verify: bool
+) -> int:
     """Rewrite the damaged or missing shards of the tile set at ``output`` from their source files,
     with the splits, labels and duplicate groups their index files recorded (nothing moves between
     splits); a damaged index file beside a sound shard is rewritten from the shard. Returns how many
@@ -461,7 +505,9 @@ def repair_shards(output: Location, manifest: dict, opts: "TileOptions", plan: l
 
     damaged = damaged_shards(output, manifest["shards"], SHARD_SCHEMA, checksum=verify)
     index_schema = SHARD_SCHEMA.remove(SHARD_SCHEMA.get_field_index("image"))
-    damaged_index = damaged_shards(output, [r["index"] for r in manifest["shards"] if "index" in r], index_schema, checksum=verify)
+    damaged_index = damaged_shards(
+        output, [r["index"] for r in manifest["shards"] if "index" in r], index_schema, checksum=verify
+    )
     sources = {f.uri: (loc, f) for loc, f in plan}
     for i, record in enumerate(manifest["shards"]):
         shard = output.join(record["path"])
@@ -472,27 +518,35 @@ def repair_shards(output: Location, manifest: dict, opts: "TileOptions", plan: l
                 record["index"] = write_shard(output, record["index"]["path"], table)
             continue
         if "index" not in record:
-            raise IngestError(f"{shard} is damaged ({damaged[record['path']]}) and this tile set was written before shards had "
-                              f"index files, so its tiles' splits cannot be restored; ingest the same inputs into a new --output")
+            raise IngestError(
+                f"{shard} is damaged ({damaged[record['path']]}) and this tile set was written before shards had "
+                f"index files, so its tiles' splits cannot be restored; ingest the same inputs into a new --output"
+            )
         if index_damage:
-            raise IngestError(f"{shard} is damaged ({damaged[record['path']]}) and so is its index file ({index_damage}); "
-                              f"its tiles cannot be rebuilt: ingest the same inputs into a new --output")
+            raise IngestError(
+                f"{shard} is damaged ({damaged[record['path']]}) and so is its index file ({index_damage}); "
+                f"its tiles cannot be rebuilt: ingest the same inputs into a new --output"
+            )
         rows = pq.read_table(output.join(record["index"]["path"]).path, filesystem=output.filesystem).to_pylist()
         origins = sorted({r["origin"] for r in rows})
         absent = [o for o in origins if o not in sources]
         if absent:
-            raise IngestError(f"{shard} is damaged ({damaged[record['path']]}); its tiles come from {absent[0]}"
-                              f"{f' and {len(absent) - 1} more file(s)' if len(absent) > 1 else ''}, which no --input of this "
-                              f"run lists: re-run ingest with the --input (and --mpp) that built it")
+            raise IngestError(
+                f"{shard} is damaged ({damaged[record['path']]}); its tiles come from {absent[0]}"
+                f"{f' and {len(absent) - 1} more file(s)' if len(absent) > 1 else ''}, which no --input of this "
+                f"run lists: re-run ingest with the --input (and --mpp) that built it"
+            )
         made = {}
         for o in origins:  # each from its own input's filesystem (one run may mix local and S3 inputs)
             for res in process_files([sources[o][1]], sources[o][0].filesystem, opts, known={}):
                 made.update((t["tile_id"], t["image"]) for t in res.tiles)
         lost = [r for r in rows if r["tile_id"] not in made]
         if lost:
-            raise IngestError(f"{shard} is damaged ({damaged[record['path']]}); {lost[0]['origin']} no longer gives tile "
-                              f"{lost[0]['tile_id']} (the file changed, or it was ingested with another --mpp); restore the "
-                              f"file, or ingest the inputs into a new --output")
+            raise IngestError(
+                f"{shard} is damaged ({damaged[record['path']]}); {lost[0]['origin']} no longer gives tile "
+                f"{lost[0]['tile_id']} (the file changed, or it was ingested with another --mpp); restore the "
+                f"file, or ingest the inputs into a new --output"
+            )
         name = record["path"].removeprefix("shards/")
         manifest["shards"][i] = _write_shard_pair(output, name, [{**r, "image": made[r["tile_id"]]} for r in rows])
         print(f"[ingest] rewrote {shard} ({damaged[record['path']]}) from {len(origins)} source file(s)", flush=True)
@@ -534,8 +588,14 @@ def ingest(
     else:
         _check_frozen(manifest, cfg, out)
 
-    opts = TileOptions(labeled, cfg.data.tile_size, cfg.data.microns_per_pixel, source_mpp,
-                       cfg.data.tissue_fraction, cfg.data.max_image_pixels)
+    opts = TileOptions(
+        labeled,
+        cfg.data.tile_size,
+        cfg.data.microns_per_pixel,
+        source_mpp,
+        cfg.data.tissue_fraction,
+        cfg.data.max_image_pixels,
+    )
     plan: list[tuple[Location, SourceFile]] = []
     early_quarantine = []
     for loc in in_locs:
@@ -559,7 +619,7 @@ def ingest(
     bar = tqdm(total=len(plan), desc="ingest", unit="file", disable=not progress, mininterval=1.0)
     added = 0
     for start in range(0, len(plan), cfg.data.files_per_chunk):
-        chunk = plan[start:start + cfg.data.files_per_chunk]
+        chunk = plan[start : start + cfg.data.files_per_chunk]
         refs = [
             process.remote(files, loc.filesystem, opts, {f.uri: manifest["sources"].get(f.uri) for f in files})
             for loc, files in _task_batches(chunk)
@@ -576,3 +636,31 @@ def ingest(
         bar.set_postfix(tiles=len(index), added=added, quarantined=len(manifest["quarantined"]))
     bar.close()
     return manifest
+
+
+def summarize_manifest(manifest: dict) -> str:
+    """What `histodiff ingest` prints: tiles kept per split and class, duplicates, rejects, quarantine."""
+    lines = [
+        f"kept {manifest['kept']} tiles in {len(manifest['shards'])} shard(s); classes: "
+        f"{manifest['classes'] or '(none)'}"
+    ]
+    for split, counts in manifest["counts"].items():
+        if counts:
+            lines.append(f"  {split:5s} " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    if manifest["labeled_train"]:
+        lines.append(
+            "  labeled train tiles: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["labeled_train"].items()))
+        )
+    dup = manifest["duplicate_groups"]
+    lines.append(f"duplicate groups (exact or rotated/flipped copies): {dup['count']} groups, {dup['tiles']} tiles")
+    lines.append(f"background tiles rejected by the tissue filter: {manifest['background_tiles_rejected']}")
+    if manifest["converted"]:
+        kinds = Counter(c["conversion"] for c in manifest["converted"])
+        lines.append("converted: " + ", ".join(f"{k} ×{v}" for k, v in kinds.items()))
+    if manifest["quarantined"]:
+        lines.append(f"quarantined {len(manifest['quarantined'])} file(s) (listed in manifest.json):")
+        for q in manifest["quarantined"][:20]:
+            lines.append(f"  {q['path']}: {q['reason']}")
+        if len(manifest["quarantined"]) > 20:
+            lines.append(f"  … and {len(manifest['quarantined']) - 20} more")
+    return "\n".join(lines)

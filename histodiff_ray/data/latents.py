@@ -84,10 +84,14 @@ def encode_latents(cfg: Config, tiles: str, vae_dir: str, output: str, actors: i
     if not tables:
         raise HistodiffError(f"encode-latents: the tile set at {tiles} has no tiles")
     latents = pa.concat_tables(tables).sort_by("tile_id").select(LATENT_SCHEMA.names).cast(LATENT_SCHEMA)
-    c = cfg.autoencoder.latent_channels
-    side = cfg.data.tile_size // cfg.autoencoder.downsample_factor
+    # The shape is the autoencoder's, whatever this command's config says about autoencoders.
+    vae_config = json.loads(read_bytes(open_location(vae_dir, cfg.storage).join("config.json")))
+    c = vae_config["latent_channels"]
+    side = cfg.data.tile_size // 2 ** (len(vae_config["block_out_channels"]) - 1)
     train = latents.filter(pc.equal(latents.column("split"), "train"))
-    sample = np.stack([np.frombuffer(b, np.float16) for b in train.column("latent").to_pylist()[:4096]]).astype(np.float32)
+    sample = np.stack([np.frombuffer(b, np.float16) for b in train.column("latent").to_pylist()[:4096]]).astype(
+        np.float32
+    )
     scale_factor = float(1.0 / sample.std())
     shards = []
     per_shard = 16384
@@ -127,8 +131,12 @@ def load_latent_manifest(root: Location) -> dict:
     return manifest
 
 
-def decode_latents(batch: dict, shape: list[int], pseudo_labels: dict[str, int] | None = None,
-                   soft_labels: dict[str, list[float]] | None = None) -> dict:
+def decode_latents(
+    batch: dict,
+    shape: list[int],
+    pseudo_labels: dict[str, int] | None = None,
+    soft_labels: dict[str, list[float]] | None = None,
+) -> dict:
     """Float32 latents, and labels with −1 wherever the label may not be used (``labeled`` false),
     unless ``pseudo_labels`` (tile_id → class) gives one.
 
@@ -153,16 +161,25 @@ def decode_latents(batch: dict, shape: list[int], pseudo_labels: dict[str, int] 
     return out
 
 
-def read_latents(root: Location, split: str | None = "train", labeled_only: bool = False,
-                 pseudo_labels: dict[str, int] | None = None, soft_labels: dict[str, list[float]] | None = None):
+def read_latents(
+    root: Location,
+    split: str | None = "train",
+    labeled_only: bool = False,
+    pseudo_labels: dict[str, int] | None = None,
+    soft_labels: dict[str, list[float]] | None = None,
+):
     """A Ray Dataset of float32 latents (unscaled) with labels (−1 where unlabeled); ``pseudo_labels``
     (tile_id → class) or ``soft_labels`` (tile_id → probabilities, see ``decode_latents``) label
     unlabeled tiles, and ``labeled_only`` keeps the tiles with a label."""
     from ray.data.expressions import col, lit
 
     manifest = load_latent_manifest(root)
-    check_shards(root, manifest["shards"], LATENT_SCHEMA, f"re-run `histodiff encode-latents` for {manifest['tiles']} with "
-                 f"--output {root}: it rewrites the latent set")
+    check_shards(
+        root,
+        manifest["shards"],
+        LATENT_SCHEMA,
+        f"re-run `histodiff encode-latents` for {manifest['tiles']} with --output {root}: it rewrites the latent set",
+    )
     ds = read_parquet([root.join(s["path"]).path for s in manifest["shards"]], root.filesystem)
     if split is not None:
         ds = ds.filter(expr=col("split") == lit(split))
@@ -170,7 +187,9 @@ def read_latents(root: Location, split: str | None = "train", labeled_only: bool
     if labeled_only and not guessed:
         ds = ds.filter(expr=col("labeled") == lit(True))
     ds = ds.select_columns(["latent", "label", "labeled", "tile_id"]).map_batches(
-        decode_latents, fn_kwargs={"shape": manifest["latent_shape"], "pseudo_labels": pseudo_labels, "soft_labels": soft_labels},
-        batch_format="numpy", batch_size=1024,
+        decode_latents,
+        fn_kwargs={"shape": manifest["latent_shape"], "pseudo_labels": pseudo_labels, "soft_labels": soft_labels},
+        batch_format="numpy",
+        batch_size=1024,
     )
     return ds.filter(expr=col("label") >= lit(0)) if labeled_only and guessed else ds

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from histodiff_ray.config import Config
 from histodiff_ray.data.shards import check_shards
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.storage import Location, read_bytes, write_atomic
+from histodiff_ray.raycluster import init_ray
+from histodiff_ray.storage import Location, open_location, read_bytes, write_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "histodiff-tiles/1"
@@ -66,7 +69,9 @@ def load_manifest(root: Location) -> dict[str, Any] | None:
 def require_manifest(root: Location) -> dict[str, Any]:
     manifest = load_manifest(root)
     if manifest is None:
-        raise TileSetError(f"no tile set at {root}: {MANIFEST_NAME} is missing; run `histodiff ingest --output {root}` first")
+        raise TileSetError(
+            f"no tile set at {root}: {MANIFEST_NAME} is missing; run `histodiff ingest --output {root}` first"
+        )
     return manifest
 
 
@@ -76,8 +81,13 @@ def save_manifest(root: Location, manifest: dict[str, Any]) -> None:
 
 def shard_paths(root: Location, manifest: dict[str, Any]) -> list[str]:
     """The paths of a tile set's shards, each first checked against its manifest record."""
-    check_shards(root, manifest["shards"], SHARD_SCHEMA, f"re-run `histodiff ingest` with the same --input(s) and --output {root}: "
-                 "it rewrites damaged shards from their source files")
+    check_shards(
+        root,
+        manifest["shards"],
+        SHARD_SCHEMA,
+        f"re-run `histodiff ingest` with the same --input(s) and --output {root}: "
+        "it rewrites damaged shards from their source files",
+    )
     return [root.join(shard["path"]).path for shard in manifest["shards"]]
 
 
@@ -153,7 +163,9 @@ def read_tiles(
     needs it when it reads several tile sets: they would otherwise stream one after the other and
     the model would learn the last one and forget the rest.
     """
-    parts = [_tile_rows(r, split, labeled_only, sources, keep_ids) for r in (root if isinstance(root, list) else [root])]
+    parts = [
+        _tile_rows(r, split, labeled_only, sources, keep_ids) for r in (root if isinstance(root, list) else [root])
+    ]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if shuffle:
         ds = ds.random_shuffle()
@@ -183,7 +195,9 @@ def iter_tile_tables(root: Location, split: str, *, labeled_only: bool = False, 
         yield table.filter(mask).select(cols)
 
 
-def load_tile_table(root: Location, split: str, *, labeled_only: bool = False, columns: list[str] | None = None) -> pa.Table:
+def load_tile_table(
+    root: Location, split: str, *, labeled_only: bool = False, columns: list[str] | None = None
+) -> pa.Table:
     """The rows of one split, read straight from the shards (no Ray): for the small labeled sets
     that the judge and the downstream classifiers train on, and for signatures."""
     cols = columns or ["tile_id", "image", "label"]
@@ -195,3 +209,26 @@ def decode_images(images: pa.ChunkedArray | list[bytes]) -> np.ndarray:
     """PNG bytes → uint8 N×H×W×3."""
     values = images.to_pylist() if hasattr(images, "to_pylist") else images
     return np.stack([decode_png(b) for b in values]) if values else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def stream_check(cfg: Config, tiles: str, split: str | None, max_batches: int | None) -> dict:
+    """`histodiff stream`: stream a tile set through Ray Data once (decoded and augmented as
+    training reads it) and measure it: tiles, batches, seconds, tiles/s, pixel range."""
+    init_ray(cfg)
+    ds = read_tiles(open_location(tiles, cfg.storage), split, augment=cfg.data.augment)
+    n, batches, start = 0, 0, time.perf_counter()
+    lo, hi = float("inf"), float("-inf")
+    for batch in ds.iter_torch_batches(batch_size=cfg.data.batch_size):
+        n += len(batch["label"])
+        lo, hi = min(lo, float(batch["image"].min())), max(hi, float(batch["image"].max()))
+        batches += 1
+        if max_batches and batches >= max_batches:
+            break
+    seconds = time.perf_counter() - start
+    return {
+        "tiles": n,
+        "batches": batches,
+        "seconds": round(seconds, 2),
+        "tiles_per_s": round(n / max(seconds, 1e-9), 1),
+        "pixel_range": [round(lo, 3), round(hi, 3)],
+    }

@@ -4,14 +4,16 @@ Salimans 2022) as the ε-model itself."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 CondFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def classifier_cond_fn(classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], labels: torch.Tensor) -> CondFn:
+def classifier_cond_fn(
+    classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], labels: torch.Tensor
+) -> CondFn:
     """``cond_fn(z, t) = ∇_z log softmax(classifier(z, t))[y]`` for each sample's own label.
 
     ``labels`` holds one class per sample (or one for all). The per-sample log-probabilities are
@@ -33,8 +35,12 @@ def classifier_cond_fn(classifier: Callable[[torch.Tensor, torch.Tensor], torch.
     return cond_fn
 
 
-def classifier_free_eps(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], labels: torch.Tensor,
-                        null_label: int, scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def classifier_free_eps(
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    null_label: int,
+    scale: float,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The guided ε-model ε̂(z, t) = ε(z, t, ∅) + w · (ε(z, t, y) − ε(z, t, ∅)) for ``model(z, t, y)``.
 
     w = 0 is the unconditional model, w = 1 the conditional one, w > 1 pushes further toward the

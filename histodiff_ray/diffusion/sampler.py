@@ -9,9 +9,8 @@ the guided ε̂ (classifier-free guidance is the ε-model itself, see guidance.p
 
 from __future__ import annotations
 
-from typing import Callable
-
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -114,8 +113,9 @@ def dpm_solver_sample(
     return z
 
 
-def _guided_eps(model: ModelFn, z: torch.Tensor, t: torch.Tensor, sigma: float, cond_fn: ModelFn | None,
-                guidance_scale: float) -> torch.Tensor:
+def _guided_eps(
+    model: ModelFn, z: torch.Tensor, t: torch.Tensor, sigma: float, cond_fn: ModelFn | None, guidance_scale: float
+) -> torch.Tensor:
     """ε̂ = ε − σ_t · s · ∇_z log p(y | z_t), σ_t = √(1 − ᾱ_t) (plain ε without a ``cond_fn``)."""
     eps = model(z, t).float()
     if cond_fn is None or guidance_scale == 0.0:

@@ -15,7 +15,7 @@ class NoiseSchedule:
     alphas_cumprod: torch.Tensor  # float64, T
 
     @classmethod
-    def from_config(cls, cfg: DiffusionConfig) -> "NoiseSchedule":
+    def from_config(cls, cfg: DiffusionConfig) -> NoiseSchedule:
         T = cfg.num_train_timesteps
         if cfg.beta_schedule == "linear":
             betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)

@@ -64,9 +64,11 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
     def __init__(self, channels: int = 64, n_layers: int = 2):
         super().__init__()
         sn = torch.nn.utils.parametrizations.spectral_norm
-        widths = [3] + [channels * min(2 ** i, 8) for i in range(n_layers + 1)]
+        widths = [3] + [channels * min(2**i, 8) for i in range(n_layers + 1)]
         self.blocks = torch.nn.ModuleList(
-            sn(torch.nn.Conv2d(a, b, 4, 2 if i < n_layers else 1, 1)) for i, (a, b) in enumerate(zip(widths, widths[1:])))
+            sn(torch.nn.Conv2d(a, b, 4, 2 if i < n_layers else 1, 1))
+            for i, (a, b) in enumerate(zip(widths, widths[1:]))
+        )
         self.head = sn(torch.nn.Conv2d(widths[-1], 1, 4, 1, 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -77,9 +79,18 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
         return self.head(x), features
 
 
-def adversarial_decoder_loss(x: torch.Tensor, recon: torch.Tensor, fake_logits: torch.Tensor, fake_features: list,
-                             real_features: list, disc_logits: torch.Tensor, last_layer: torch.Tensor, *,
-                             gan_weight: float, feature_matching: float) -> tuple:
+def adversarial_decoder_loss(
+    x: torch.Tensor,
+    recon: torch.Tensor,
+    fake_logits: torch.Tensor,
+    fake_features: list,
+    real_features: list,
+    disc_logits: torch.Tensor,
+    last_layer: torch.Tensor,
+    *,
+    gan_weight: float,
+    feature_matching: float,
+) -> tuple:
     """The adversarial decoder phase's objective, one loss for the decoder and the discriminator.
 
     Decoder: L1 + MSE (the decoder phase's) + ``feature_matching`` × the mean L1 between the
@@ -91,7 +102,9 @@ def adversarial_decoder_loss(x: torch.Tensor, recon: torch.Tensor, fake_logits: 
     the decoder only. Discriminator: the hinge loss on ``disc_logits``, its logits for the real tiles
     followed by those for the detached reconstructions. Returns (loss, reconstruction term, generator
     loss, discriminator loss, adaptive weight)."""
-    rec = decoder_loss(x, recon)[0] + feature_matching * sum((f - r).abs().mean() for f, r in zip(fake_features, real_features)) / len(real_features)
+    rec = decoder_loss(x, recon)[0] + feature_matching * sum(
+        (f - r).abs().mean() for f, r in zip(fake_features, real_features)
+    ) / len(real_features)
     gen = -fake_logits.mean()
     weight = torch.zeros((), device=x.device)
     if gan_weight > 0:

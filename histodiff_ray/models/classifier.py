@@ -67,9 +67,20 @@ class NoiseAwareClassifier(ModelMixin, ConfigMixin):
             raise ValueError(f"pool must be 'attention' or 'mean', got {pool!r}")
         if sample_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"sample_size {sample_size} does not allow {len(channel_mult) - 1} downsamplings")
-        unet = build_unet(UNetConfig(base_channels=width, channel_mult=list(channel_mult), attention_resolutions=list(attention_resolutions),
-                                     num_heads=num_heads, layers_per_block=depth, resnet_time_scale_shift=resnet_time_scale_shift,
-                                     resblock_updown=resblock_updown, dropout=dropout), sample_size, in_channels)
+        unet = build_unet(
+            UNetConfig(
+                base_channels=width,
+                channel_mult=list(channel_mult),
+                attention_resolutions=list(attention_resolutions),
+                num_heads=num_heads,
+                layers_per_block=depth,
+                resnet_time_scale_shift=resnet_time_scale_shift,
+                resblock_updown=resblock_updown,
+                dropout=dropout,
+            ),
+            sample_size,
+            in_channels,
+        )
         self.time_proj, self.time_embedding, self.conv_in = unet.time_proj, unet.time_embedding, unet.conv_in
         self.down_blocks, self.mid_block = unet.down_blocks, unet.mid_block
         ch = width * channel_mult[-1]
@@ -92,8 +103,11 @@ class NoiseAwareClassifier(ModelMixin, ConfigMixin):
         missing = [k for k in wanted if k not in unet_weights]
         mismatched = [k for k in wanted if k in unet_weights and unet_weights[k].shape != own[k].shape]
         if missing or mismatched:
-            raise ValueError(f"the UNet's weights do not fit this classifier (missing {missing[:3]}, other shapes {mismatched[:3]}): "
-                             "build it with the UNet's architecture")
+            raise ValueError(
+                f"the UNet's weights do not fit this classifier (missing {missing[:3]}, other shapes "
+                f"{mismatched[:3]}): "
+                "build it with the UNet's architecture"
+            )
         self.load_state_dict({k: unet_weights[k] for k in wanted}, strict=False)
 
     def features(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -112,18 +126,33 @@ class NoiseAwareClassifier(ModelMixin, ConfigMixin):
         return self.head(self.features(z, t))
 
 
-def build_classifier(cfg: ClassifierConfig, latent_channels: int, latent_size: int, num_classes: int,
-                     unet: UNetConfig | None = None) -> NoiseAwareClassifier:
+def build_classifier(
+    cfg: ClassifierConfig, latent_channels: int, latent_size: int, num_classes: int, unet: UNetConfig | None = None
+) -> NoiseAwareClassifier:
     """The classifier of ``cfg``; with ``unet`` (for ``classifier.init_from_unet``) its encoder takes
     that UNet's architecture instead of the classifier's own width, depth, levels and attention."""
     if unet is not None:
-        arch = dict(width=unet.base_channels, depth=unet.layers_per_block, channel_mult=tuple(unet.channel_mult),
-                    attention_resolutions=tuple(unet.attention_resolutions), num_heads=unet.num_heads, dropout=unet.dropout,
-                    resnet_time_scale_shift=unet.resnet_time_scale_shift, resblock_updown=unet.resblock_updown)
+        arch = dict(
+            width=unet.base_channels,
+            depth=unet.layers_per_block,
+            channel_mult=tuple(unet.channel_mult),
+            attention_resolutions=tuple(unet.attention_resolutions),
+            num_heads=unet.num_heads,
+            dropout=unet.dropout,
+            resnet_time_scale_shift=unet.resnet_time_scale_shift,
+            resblock_updown=unet.resblock_updown,
+        )
     else:
-        arch = dict(width=cfg.width, depth=cfg.depth, channel_mult=tuple(cfg.channel_mult),
-                    attention_resolutions=tuple(cfg.attention_resolutions), num_heads=cfg.num_heads)
-    return NoiseAwareClassifier(in_channels=latent_channels, sample_size=latent_size, num_classes=num_classes, pool=cfg.pool, **arch)
+        arch = dict(
+            width=cfg.width,
+            depth=cfg.depth,
+            channel_mult=tuple(cfg.channel_mult),
+            attention_resolutions=tuple(cfg.attention_resolutions),
+            num_heads=cfg.num_heads,
+        )
+    return NoiseAwareClassifier(
+        in_channels=latent_channels, sample_size=latent_size, num_classes=num_classes, pool=cfg.pool, **arch
+    )
 
 
 def load_classifier(folder: str) -> NoiseAwareClassifier:
@@ -131,6 +160,9 @@ def load_classifier(folder: str) -> NoiseAwareClassifier:
     of this module) is an error rather than a guide with random layers."""
     model, info = NoiseAwareClassifier.from_pretrained(folder, use_safetensors=True, output_loading_info=True)
     if info["missing_keys"] or info["mismatched_keys"]:
-        raise ValueError(f"the classifier at {folder} does not fit this version's layout (missing {sorted(info['missing_keys'])[:3]}, "
-                         f"other shapes {info['mismatched_keys'][:3]}); train it again with `histodiff train-classifier`")
+        raise ValueError(
+            f"the classifier at {folder} does not fit this version's layout (missing "
+            f"{sorted(info['missing_keys'])[:3]}, "
+            f"other shapes {info['mismatched_keys'][:3]}); train it again with `histodiff train-classifier`"
+        )
     return model

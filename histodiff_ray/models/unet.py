@@ -15,8 +15,13 @@ from diffusers import UNet2DModel
 from histodiff_ray.config import UNetConfig
 
 
-def build_unet(cfg: UNetConfig, latent_size: int, latent_channels: int, num_train_timesteps: int = 1000,
-               num_classes: int | None = None) -> UNet2DModel:
+def build_unet(
+    cfg: UNetConfig,
+    latent_size: int,
+    latent_channels: int,
+    num_train_timesteps: int = 1000,
+    num_classes: int | None = None,
+) -> UNet2DModel:
     """``num_classes`` adds a class embedding for classifier-free guidance: classes 0…K−1 and the
     null class K (``null_class``), added to the timestep embedding."""
     channels = [cfg.base_channels * m for m in cfg.channel_mult]

@@ -27,13 +27,23 @@ def png_16bit_rgb(rgb8: np.ndarray) -> bytes:
     wide = rgb8.astype(">u2") * 257
     raw = b"".join(b"\x00" + wide[y].tobytes() for y in range(h))
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(raw))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def png_bomb_header(side: int = 30000) -> bytes:
     """A PNG whose header claims side×side pixels (the data would be enormous; it is not there)."""
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -37,13 +37,16 @@ def test_rgba_is_composited_on_white():
     assert (out.rgb[:8, :, 0] == 200).all() and (out.rgb[8:] == 255).all()
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty file"),
-    (b"hello world, not pixels", "not an image"),
-    (png_bomb_header(30000), "decompression bomb: 30000×30000"),
-    (_png(RGB.convert("L")), "grayscale"),
-    (_png(RGB)[:200], "truncated"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty file"),
+        (b"hello world, not pixels", "not an image"),
+        (png_bomb_header(30000), "decompression bomb: 30000×30000"),
+        (_png(RGB.convert("L")), "grayscale"),
+        (_png(RGB)[:200], "truncated"),
+    ],
+)
 def test_bad_images_raise_with_a_reason(data, reason):
     with pytest.raises(images.BadImage, match=reason):
         images.decode_image(data, 50_000_000)

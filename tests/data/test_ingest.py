@@ -18,9 +18,11 @@ from histodiff_ray.storage import open_location, read_bytes
 from tests.data.badfiles import write_bad_inputs
 
 # Rotated/flipped copies that crc5 really holds (found by the full-set test below).
-PLANTED_PAIRS = [("T", "train_image_T_1754.jpg", "train_image_T_1896.jpg"),
-                 ("AC", "train_image_AC_2184.jpg", "train_image_AC_2400.jpg"),
-                 ("T", "train_image_T_1550.jpg", "train_image_T_872.jpg")]
+PLANTED_PAIRS = [
+    ("T", "train_image_T_1754.jpg", "train_image_T_1896.jpg"),
+    ("AC", "train_image_AC_2184.jpg", "train_image_AC_2400.jpg"),
+    ("T", "train_image_T_1550.jpg", "train_image_T_872.jpg"),
+]
 PER_CLASS = 30
 
 
@@ -28,7 +30,7 @@ def make_labeled_input(root, shared_data, classes=("AC", "T", "S"), per_class=PE
     crc5 = shared_data / "crc5" / "train"
     for cls in classes:
         (root / cls).mkdir(parents=True, exist_ok=True)
-        for p in sorted((crc5 / cls).glob("*.jpg"))[offset:offset + per_class]:
+        for p in sorted((crc5 / cls).glob("*.jpg"))[offset : offset + per_class]:
             shutil.copy(p, root / cls / p.name)
     return root
 
@@ -80,8 +82,11 @@ def test_ingest_to_s3_quarantines_bad_input_dedupes_and_splits(ray_local, s3_ove
     assert pixels.shape == (64, 64, 3) and hashlib.sha1(pixels.tobytes()).hexdigest()[:24] == row["tile_id"]
     assert row["source"].endswith("/input") and row["origin"].startswith(str(root))
 
-    all_rows = pq.read_table(shard_paths(loc, manifest), filesystem=loc.filesystem,
-                             columns=["tile_id", "label_name", "split", "labeled", "dup_group"]).to_pylist()
+    all_rows = pq.read_table(
+        shard_paths(loc, manifest),
+        filesystem=loc.filesystem,
+        columns=["tile_id", "label_name", "split", "labeled", "dup_group"],
+    ).to_pylist()
     assert len(all_rows) == len({r["tile_id"] for r in all_rows}) == n_good
     for g in groups:
         assert len({r["split"] for r in all_rows if r["dup_group"] == g["group"]}) == 1
@@ -92,7 +97,9 @@ def test_ingest_to_s3_quarantines_bad_input_dedupes_and_splits(ray_local, s3_ove
         assert sum(s == "test" for s in by_group.values()) == round(n * 0.2)
         assert sum(s == "val" for s in by_group.values()) == round(n * 0.1)
         train_groups = {g for g, s in by_group.items() if s == "train"}
-        labeled_groups = {r["dup_group"] for r in all_rows if r["label_name"] == cls and r["split"] == "train" and r["labeled"]}
+        labeled_groups = {
+            r["dup_group"] for r in all_rows if r["label_name"] == cls and r["split"] == "train" and r["labeled"]
+        }
         assert len(labeled_groups) == -(-len(train_groups) // 2)  # ceil(0.5 × train groups)
     counts = manifest["counts"]
     assert sum(sum(c.values()) for c in counts.values()) == n_good
@@ -103,20 +110,25 @@ def test_ingest_to_s3_quarantines_bad_input_dedupes_and_splits(ray_local, s3_ove
     assert _objects(loc) == before and again == manifest
 
 
-
 def test_new_inputs_add_only_themselves(ray_local, s3_overrides, bucket, tmp_path, shared_data):
     cfg = load_config("cpu", s3_overrides)
     uri = f"s3://{bucket}/tiles"
     first = make_labeled_input(tmp_path / "first", shared_data, classes=("AC", "V"), per_class=12)
     m1 = ingest(cfg, [str(first)], uri, labeled=True, progress=False)
     loc = open_location(uri, cfg.storage)
-    before_rows = pq.read_table(shard_paths(loc, m1), filesystem=loc.filesystem, columns=["tile_id", "split"]).to_pylist()
+    before_rows = pq.read_table(
+        shard_paths(loc, m1), filesystem=loc.filesystem, columns=["tile_id", "split"]
+    ).to_pylist()
     second = make_labeled_input(tmp_path / "second", shared_data, classes=("V", "S"), per_class=12, offset=12)
     m2 = ingest(cfg, [str(first), str(second)], uri, labeled=True, progress=False)
     assert m2["kept"] == m1["kept"] + 24
     assert m2["shards"][: len(m1["shards"])] == m1["shards"]
-    after = {r["tile_id"]: r["split"] for r in pq.read_table(shard_paths(loc, m2), filesystem=loc.filesystem,
-                                                             columns=["tile_id", "split"]).to_pylist()}
+    after = {
+        r["tile_id"]: r["split"]
+        for r in pq.read_table(
+            shard_paths(loc, m2), filesystem=loc.filesystem, columns=["tile_id", "split"]
+        ).to_pylist()
+    }
     assert all(after[r["tile_id"]] == r["split"] for r in before_rows)
     assert m2["classes"] == ["AC", "V", "S"]  # label indices of stored tiles never move
 

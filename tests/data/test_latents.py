@@ -1,15 +1,20 @@
 """Latent batches: labels are −1 where a label may not be used, unless a pseudo-label or the judge's
-probabilities fill them in."""
+probabilities fill them in; a latent set records its autoencoder's latent shape."""
 
 import numpy as np
 
-from histodiff_ray.data.latents import decode_latents
+from histodiff_ray.config import load_config
+from histodiff_ray.data.latents import decode_latents, encode_latents
 
 
 def _batch():
     latents = [np.full((4, 2, 2), i, np.float16).tobytes() for i in range(4)]
-    return {"latent": latents, "label": np.array([0, 1, 2, 1]), "labeled": np.array([True, False, False, True]),
-            "tile_id": np.array(["a", "b", "c", "d"], dtype=object)}
+    return {
+        "latent": latents,
+        "label": np.array([0, 1, 2, 1]),
+        "labeled": np.array([True, False, False, True]),
+        "tile_id": np.array(["a", "b", "c", "d"], dtype=object),
+    }
 
 
 def test_labels_of_unlabeled_tiles_are_hidden():
@@ -27,5 +32,21 @@ def test_pseudo_labels_fill_only_unlabeled_tiles():
 def test_soft_labels_give_labeled_tiles_one_hot_targets_and_unlabeled_ones_the_judges():
     out = decode_latents(_batch(), [4, 2, 2], soft_labels={"b": [0.1, 0.2, 0.6, 0.1], "d": [1.0, 0.0, 0.0, 0.0]})
     assert out["label"].tolist() == [0, 2, -1, 1]  # "b" takes its most likely class; "c" has no probabilities
-    assert out["target"].tolist() == [[1, 0, 0, 0], [np.float32(0.1), np.float32(0.2), np.float32(0.6), np.float32(0.1)],
-                                      [0, 0, 0, 0], [0, 1, 0, 0]]
+    assert out["target"].tolist() == [
+        [1, 0, 0, 0],
+        [np.float32(0.1), np.float32(0.2), np.float32(0.6), np.float32(0.1)],
+        [0, 0, 0, 0],
+        [0, 1, 0, 0],
+    ]
+
+
+def test_the_latent_shape_is_the_autoencoders_not_the_configs(tiny_latents):
+    # Encoding with a config that describes another autoencoder (here 8 latent channels, the tiny
+    # autoencoder has 4) used to record the config's shape, and every stage after it then read the
+    # latents with the wrong number of channels.
+    overrides, bucket = tiny_latents
+    cfg = load_config("cpu", overrides + ["autoencoder.latent_channels=8"])
+    manifest = encode_latents(
+        cfg, f"s3://{bucket}/tiles", f"s3://{bucket}/runs/ae/model/vae", f"s3://{bucket}/latents-shape"
+    )
+    assert manifest["latent_shape"] == [4, 16, 16]

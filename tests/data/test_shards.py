@@ -49,7 +49,9 @@ def tile_set(request, ray_local, tmp_path, shared_data, s3_overrides):
     return cfg, src, uri, manifest
 
 
-@pytest.mark.parametrize("damage", [_truncate, _not_parquet, _other_schema], ids=["truncated", "not-parquet", "other-schema"])
+@pytest.mark.parametrize(
+    "damage", [_truncate, _not_parquet, _other_schema], ids=["truncated", "not-parquet", "other-schema"]
+)
 def test_a_damaged_tile_shard_is_one_line_then_ingest_rewrites_it(tile_set, damage):
     cfg, src, uri, manifest = tile_set
     root = open_location(uri, cfg.storage)
@@ -114,9 +116,11 @@ def test_records_without_sizes_are_checked_by_their_footer(tmp_path):
     schema = table.schema
     record = {"path": "shards/part-0.parquet", "rows": 3}
     assert shard_damage(root, write_shard(root, record["path"], table), schema, checksum=True) is None
-    cases = [(lambda: _truncate(read_bytes(root.join(record["path"]))), "not a readable Parquet file"),
-             (lambda: _other_schema(b""), "not a shard of this set (column(s) latent missing"),
-             (lambda: _parquet(table.slice(0, 2)), "2 rows stored where 3 were written")]
+    cases = [
+        (lambda: _truncate(read_bytes(root.join(record["path"]))), "not a readable Parquet file"),
+        (lambda: _other_schema(b""), "not a shard of this set (column(s) latent missing"),
+        (lambda: _parquet(table.slice(0, 2)), "2 rows stored where 3 were written"),
+    ]
     for make, reason in cases:
         write_shard(root, record["path"], table)
         write_atomic(root.join(record["path"]), make())

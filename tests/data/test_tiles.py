@@ -14,7 +14,9 @@ from tests.data.test_ingest import make_labeled_input
 def tile_set(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
     bucket = "stream-tiles"
     s3.create_bucket(bucket)
-    src = make_labeled_input(tmp_path_factory.mktemp("stream") / "input", shared_data, classes=("AC", "H", "V"), per_class=20)
+    src = make_labeled_input(
+        tmp_path_factory.mktemp("stream") / "input", shared_data, classes=("AC", "H", "V"), per_class=20
+    )
     cfg = load_config("cpu", s3_overrides + ["data.label_fraction=0.25", "data.tiles_per_shard=16"])
     manifest = ingest(cfg, [str(src)], f"s3://{bucket}/tiles", labeled=True, progress=False)
     return cfg, open_location(f"s3://{bucket}/tiles", cfg.storage), manifest
@@ -105,7 +107,7 @@ def test_several_tile_sets_stream_shuffled_together(tile_set, shared_data, tmp_p
     first = _collect(read_tiles(root, "train", keep_ids=True))["tile_id"].tolist()
     second = set(_collect(read_tiles(other, "train", keep_ids=True))["tile_id"].tolist())
     in_order = _collect(read_tiles([root, other], "train", keep_ids=True))["tile_id"].tolist()
-    assert sorted(in_order[:len(first)]) == sorted(first)  # without shuffling: one set after the other
+    assert sorted(in_order[: len(first)]) == sorted(first)  # without shuffling: one set after the other
     mixed = _collect(read_tiles([root, other], "train", keep_ids=True, shuffle=True))["tile_id"].tolist()
     assert sorted(mixed) == sorted(in_order)
     assert min(i for i, t in enumerate(mixed) if t in second) < len(first) - len(second)  # the second set is spread in

@@ -59,8 +59,17 @@ def trained_classifier(one_thread):
 def train_toy_classifier(steps: int = 200) -> NoiseAwareClassifier:
     """AdamW steps at uniform random t on q_sample'd blobs: a few seconds on one core."""
     torch.manual_seed(0)
-    model = NoiseAwareClassifier(in_channels=4, sample_size=8, num_classes=2, width=16, depth=1, channel_mult=(1, 2),
-                                 attention_resolutions=(2,), num_heads=2, pool="attention")
+    model = NoiseAwareClassifier(
+        in_channels=4,
+        sample_size=8,
+        num_classes=2,
+        width=16,
+        depth=1,
+        channel_mult=(1, 2),
+        attention_resolutions=(2,),
+        num_heads=2,
+        pool="attention",
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -76,8 +85,17 @@ def train_toy_classifier(steps: int = 200) -> NoiseAwareClassifier:
 
 def tiny_classifier(seed=0):
     torch.manual_seed(seed)
-    return NoiseAwareClassifier(in_channels=4, sample_size=8, num_classes=2, width=8, depth=1, channel_mult=(1,),
-                                attention_resolutions=(), num_heads=1, pool="attention").eval()
+    return NoiseAwareClassifier(
+        in_channels=4,
+        sample_size=8,
+        num_classes=2,
+        width=8,
+        depth=1,
+        channel_mult=(1,),
+        attention_resolutions=(),
+        num_heads=1,
+        pool="attention",
+    ).eval()
 
 
 # --- the cond_fn itself ---------------------------------------------------------------------------
@@ -121,7 +139,9 @@ def test_cond_fn_is_per_sample_graph_free_and_leaves_the_classifier_alone():
     g1, g0 = classifier_cond_fn(model, torch.tensor(1))(z, t), classifier_cond_fn(model, torch.tensor(0))(z, t)
     with torch.no_grad():
         p = torch.softmax(model(z, t), -1)[:, :, None, None, None]
-    torch.testing.assert_close(p[:, 0] * g0 + p[:, 1] * g1, torch.zeros_like(g0), rtol=0, atol=1e-4 * float(g1.abs().max()))
+    torch.testing.assert_close(
+        p[:, 0] * g0 + p[:, 1] * g1, torch.zeros_like(g0), rtol=0, atol=1e-4 * float(g1.abs().max())
+    )
 
 
 # --- (a) scale 0 is the unguided sampler ------------------------------------------------------------
@@ -132,12 +152,28 @@ def test_guidance_scale_zero_reproduces_the_unguided_sampler_bit_exactly(eta):
     cond_fn = classifier_cond_fn(tiny_classifier(), torch.tensor([0, 1, 0]))
     shape = (3, *SHAPE)
     plain = ddim_sample(mixture_eps, SCHEDULE, shape, steps=20, eta=eta, generator=torch.Generator().manual_seed(5))
-    zero = ddim_sample(mixture_eps, SCHEDULE, shape, steps=20, eta=eta, generator=torch.Generator().manual_seed(5),
-                       cond_fn=cond_fn, guidance_scale=0.0)
+    zero = ddim_sample(
+        mixture_eps,
+        SCHEDULE,
+        shape,
+        steps=20,
+        eta=eta,
+        generator=torch.Generator().manual_seed(5),
+        cond_fn=cond_fn,
+        guidance_scale=0.0,
+    )
     assert torch.equal(plain, zero)
     # ...and the cond_fn is really wired in: a non-zero scale changes the samples.
-    guided = ddim_sample(mixture_eps, SCHEDULE, shape, steps=20, eta=eta, generator=torch.Generator().manual_seed(5),
-                         cond_fn=cond_fn, guidance_scale=5.0)
+    guided = ddim_sample(
+        mixture_eps,
+        SCHEDULE,
+        shape,
+        steps=20,
+        eta=eta,
+        generator=torch.Generator().manual_seed(5),
+        cond_fn=cond_fn,
+        guidance_scale=5.0,
+    )
     assert (guided - plain).abs().max() > 1e-3
 
 
@@ -163,20 +199,36 @@ def test_guidance_raises_log_p_y_along_the_trajectory_and_lands_on_class_y(train
     for scale in (0.0, 10.0):
         trajectory = []
 
-        def eps_model(z, t):
+        def eps_model(z, t, trajectory=trajectory):
             trajectory.append((z.clone(), t.clone()))
             return mixture_eps(z, t)
 
-        z_final = ddim_sample(eps_model, SCHEDULE, (n, *SHAPE), steps=25, eta=eta,
-                              generator=torch.Generator().manual_seed(7),
-                              cond_fn=classifier_cond_fn(trained_classifier, y), guidance_scale=scale)
+        z_final = ddim_sample(
+            eps_model,
+            SCHEDULE,
+            (n, *SHAPE),
+            steps=25,
+            eta=eta,
+            generator=torch.Generator().manual_seed(7),
+            cond_fn=classifier_cond_fn(trained_classifier, y),
+            guidance_scale=scale,
+        )
         with torch.no_grad():
-            log_p = torch.stack([torch.log_softmax(trained_classifier(z, t), 1)[torch.arange(n), y] for z, t in trajectory])
-            log_p_end = torch.log_softmax(trained_classifier(z_final, torch.zeros(n, dtype=torch.long)), 1)[torch.arange(n), y]
+            log_p = torch.stack(
+                [torch.log_softmax(trained_classifier(z, t), 1)[torch.arange(n), y] for z, t in trajectory]
+            )
+            log_p_end = torch.log_softmax(trained_classifier(z_final, torch.zeros(n, dtype=torch.long)), 1)[
+                torch.arange(n), y
+            ]
         d_own = (z_final - MEANS[y]).flatten(1).norm(dim=1)
         d_other = (z_final - MEANS[1 - y]).flatten(1).norm(dim=1)
-        runs[scale] = dict(traj=log_p.mean(), end=log_p_end.mean(), d_own=d_own.mean(), hit=(d_own < d_other).float().mean(),
-                           exact=blob_log_posterior(z_final, torch.zeros(n, dtype=torch.long))[torch.arange(n), y].mean())
+        runs[scale] = dict(
+            traj=log_p.mean(),
+            end=log_p_end.mean(),
+            d_own=d_own.mean(),
+            hit=(d_own < d_other).float().mean(),
+            exact=blob_log_posterior(z_final, torch.zeros(n, dtype=torch.long))[torch.arange(n), y].mean(),
+        )
     plain, guided = runs[0.0], runs[10.0]
     assert guided["traj"] > plain["traj"] + 0.5, runs
     assert guided["end"] > plain["end"] + 1.0, runs
@@ -193,8 +245,16 @@ def test_guidance_raises_log_p_y_along_the_trajectory_and_lands_on_class_y(train
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_guided_sampling_runs_for_any_step_count(steps, eta):
     cond_fn = classifier_cond_fn(tiny_classifier(), torch.tensor([1]))
-    out = ddim_sample(mixture_eps, SCHEDULE, (1, *SHAPE), steps=steps, eta=eta, generator=torch.Generator().manual_seed(0),
-                      cond_fn=cond_fn, guidance_scale=10.0)
+    out = ddim_sample(
+        mixture_eps,
+        SCHEDULE,
+        (1, *SHAPE),
+        steps=steps,
+        eta=eta,
+        generator=torch.Generator().manual_seed(0),
+        cond_fn=cond_fn,
+        guidance_scale=10.0,
+    )
     assert out.shape == (1, *SHAPE) and out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
@@ -224,8 +284,15 @@ def test_classifier_free_guidance_lands_on_class_y_and_more_so_at_larger_scale(e
 
     def hit_rate(w):
         eps = classifier_free_eps(class_conditional_eps, labels, null_label=2, scale=w)
-        out = ddim_sample(eps, SCHEDULE, (n, *SHAPE), steps=25, eta=eta, noise=noise,
-                          generator=[torch.Generator().manual_seed(100 + i) for i in range(n)])
+        out = ddim_sample(
+            eps,
+            SCHEDULE,
+            (n, *SHAPE),
+            steps=25,
+            eta=eta,
+            noise=noise,
+            generator=[torch.Generator().manual_seed(100 + i) for i in range(n)],
+        )
         log_post = blob_log_posterior(out, torch.zeros(n, dtype=torch.long))
         return (log_post.argmax(1) == labels).float().mean().item()
 

@@ -19,8 +19,15 @@ def toy_model(z, t):
 
 
 def reference_ddim(steps, eta, z_T, step_noises):
-    sched = DDIMScheduler(num_train_timesteps=CFG.num_train_timesteps, beta_start=CFG.beta_start, beta_end=CFG.beta_end,
-                          beta_schedule=CFG.beta_schedule, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    sched = DDIMScheduler(
+        num_train_timesteps=CFG.num_train_timesteps,
+        beta_start=CFG.beta_start,
+        beta_end=CFG.beta_end,
+        beta_schedule=CFG.beta_schedule,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+    )
     sched.set_timesteps(steps)
     z = z_T.clone()
     for i, t in enumerate(sched.timesteps):
@@ -39,8 +46,9 @@ def test_matches_diffusers_ddim(steps, eta):
     g = torch.Generator().manual_seed(2)
     step_noises = [torch.randn(shape, generator=g) for _ in range(steps)]
     # Our sampler draws per-step noise from its generator in the same order.
-    ours = ddim_sample(toy_model, SCHEDULE, shape, steps=steps, eta=eta, noise=z_T,
-                       generator=torch.Generator().manual_seed(2))
+    ours = ddim_sample(
+        toy_model, SCHEDULE, shape, steps=steps, eta=eta, noise=z_T, generator=torch.Generator().manual_seed(2)
+    )
     ref = reference_ddim(steps, eta, z_T, step_noises)
     torch.testing.assert_close(ours, ref.float(), rtol=1e-4, atol=1e-4)
 
@@ -66,7 +74,7 @@ def test_any_step_count_walks_exactly_its_timesteps_down_to_a_clean_sample(steps
 def test_timesteps_are_valid_for_every_step_count():
     for steps in range(1, 1001):
         ts = ddim_timesteps(1000, steps)
-        assert len(ts) == steps and ts[0] == 999 and 0 <= ts[-1], steps
+        assert len(ts) == steps and ts[0] == 999 and ts[-1] >= 0, steps
         assert all(a > b for a, b in zip(ts, ts[1:])), steps
     for bad in (0, 1001):
         with pytest.raises(ValueError):
@@ -83,8 +91,10 @@ def exact_gaussian_eps(z, t):
 # neighbours must give the same deterministic DDIM gain, to within a step's discretisation change.
 @pytest.mark.parametrize("steps", [61, 103, 122, 244, 499])
 def test_the_sample_does_not_jump_at_any_step_count(steps):
-    gains = [float(ddim_sample(exact_gaussian_eps, SCHEDULE, (1, 1, 1, 1), steps=s, eta=0.0, noise=torch.ones(1, 1, 1, 1)))
-             for s in (steps - 1, steps, steps + 1)]
+    gains = [
+        float(ddim_sample(exact_gaussian_eps, SCHEDULE, (1, 1, 1, 1), steps=s, eta=0.0, noise=torch.ones(1, 1, 1, 1)))
+        for s in (steps - 1, steps, steps + 1)
+    ]
     assert all(0.8 < g < 1.05 for g in gains), gains
     assert max(gains) - min(gains) < 0.01, gains
 
@@ -102,6 +112,7 @@ def test_same_seed_same_samples_and_q_sample_matches_the_closed_form():
 
 def test_per_sample_generators_make_each_sample_independent_of_its_batch():
     """With one generator per sample, a sample drawn alone equals the same seed drawn in a batch."""
+
     def gens(seeds):
         return [torch.Generator().manual_seed(s) for s in seeds]
 
@@ -116,9 +127,16 @@ def test_per_sample_generators_make_each_sample_independent_of_its_batch():
 def reference_dpm_solver(steps, z_T, guided_eps):
     from diffusers import DPMSolverMultistepScheduler
 
-    sched = DPMSolverMultistepScheduler(num_train_timesteps=CFG.num_train_timesteps, beta_start=CFG.beta_start,
-                                        beta_end=CFG.beta_end, beta_schedule=CFG.beta_schedule, algorithm_type="dpmsolver++",
-                                        solver_order=2, timestep_spacing="trailing", final_sigmas_type="zero")
+    sched = DPMSolverMultistepScheduler(
+        num_train_timesteps=CFG.num_train_timesteps,
+        beta_start=CFG.beta_start,
+        beta_end=CFG.beta_end,
+        beta_schedule=CFG.beta_schedule,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        timestep_spacing="trailing",
+        final_sigmas_type="zero",
+    )
     sched.set_timesteps(steps)
     z = z_T.clone()
     for t in sched.timesteps:
@@ -139,7 +157,9 @@ def test_dpm_solver_matches_diffusers_with_and_without_classifier_guidance(steps
     def guided(z, t):  # ε̂ = ε − √(1 − ᾱ_t) · s · ∇, as the sampler forms it
         return toy_model(z, t) - (1 - SCHEDULE.alpha_bar(t, z)).sqrt() * guidance_scale * cond_fn(z, t)
 
-    ours = dpm_solver_sample(toy_model, SCHEDULE, shape, steps=steps, noise=z_T, cond_fn=cond_fn, guidance_scale=guidance_scale)
+    ours = dpm_solver_sample(
+        toy_model, SCHEDULE, shape, steps=steps, noise=z_T, cond_fn=cond_fn, guidance_scale=guidance_scale
+    )
     torch.testing.assert_close(ours, reference_dpm_solver(steps, z_T, guided).float(), rtol=1e-4, atol=1e-4)
 
 
@@ -148,13 +168,17 @@ def test_dpm_solver_at_20_steps_is_as_close_to_the_ode_solution_as_ddim_at_50():
     # ε of N(0, I) data the ODE path curves: the sample of a unit z_T converges to 0.997 (1,000
     # DDIM steps); DDIM reaches 0.960 at 50 steps, DPM-Solver++ 0.963 at 20 (and 0.908 at 10).
     z0 = torch.full((1, 4, 8, 8), 0.3)
-    z_T = SCHEDULE.q_sample(z0, torch.tensor([999]), torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    z_T = SCHEDULE.q_sample(
+        z0, torch.tensor([999]), torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    )
 
     def oracle(z, t):
         a = SCHEDULE.alpha_bar(t, z)
         return (z - a.sqrt() * z0) / (1 - a).sqrt()
 
-    torch.testing.assert_close(dpm_solver_sample(oracle, SCHEDULE, z0.shape, steps=7, noise=z_T), z0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        dpm_solver_sample(oracle, SCHEDULE, z0.shape, steps=7, noise=z_T), z0, rtol=1e-4, atol=1e-4
+    )
     one = torch.ones(1, 1, 1, 1)
     fine = float(ddim_sample(exact_gaussian_eps, SCHEDULE, (1, 1, 1, 1), steps=1000, eta=0.0, noise=one))
     ddim50 = float(ddim_sample(exact_gaussian_eps, SCHEDULE, (1, 1, 1, 1), steps=50, eta=0.0, noise=one))

@@ -23,8 +23,12 @@ def test_every_profile_uses_the_papers_schedule(profile):
     root = ours[[250, 500, 750]].sqrt()
     torch.testing.assert_close(root, torch.tensor([0.7318, 0.3874, 0.1319], dtype=torch.float64), atol=1e-4, rtol=0)
     # The scheduler folder a run exports says the same.
-    exported = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
-                             beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule)
+    exported = DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+    )
     torch.testing.assert_close(exported.alphas_cumprod.double(), ours, rtol=1e-6, atol=1e-7)
 
 
@@ -34,5 +38,7 @@ def test_min_snr_weights_cap_the_signal_to_noise_ratio_at_gamma():
     a = schedule.alphas_cumprod
     snr = a / (1 - a)
     w = schedule.min_snr_weight(t, 5.0)
-    torch.testing.assert_close(w.double(), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        w.double(), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr, rtol=1e-6, atol=0
+    )
     assert (w[snr <= 5] == 1).all() and (w[snr > 5] < 1).all() and (w.diff() >= 0).all()

@@ -42,11 +42,14 @@ def test_the_adversarial_decoder_phase_moves_each_model_by_its_own_terms():
     # The decoder learns from L1 + MSE, feature matching and the generator loss; the discriminator
     # from its hinge loss alone; the encoder from nothing (the latents stay as they were).
     from histodiff_ray.models.autoencoder import PatchDiscriminator, adversarial_decoder_loss
-    from histodiff_ray.train.loops import AdversarialDecoderObjective
+    from histodiff_ray.train.autoencoder import AdversarialDecoderObjective
 
     cfg = load_config("cpu", ["autoencoder.block_out_channels=8,16", "autoencoder.norm_groups=4"])
     torch.manual_seed(0)
-    vae, disc = build_autoencoder(cfg.autoencoder, 16), PatchDiscriminator(channels=4).eval()  # eval: fixed spectral norms
+    vae, disc = (
+        build_autoencoder(cfg.autoencoder, 16),
+        PatchDiscriminator(channels=4).eval(),
+    )  # eval: fixed spectral norms
     objective = AdversarialDecoderObjective(vae, disc)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
 
@@ -55,7 +58,9 @@ def test_the_adversarial_decoder_phase_moves_each_model_by_its_own_terms():
         disc.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the same posterior sample each time
         recon, *disc_out = objective(x)
-        terms = adversarial_decoder_loss(x, recon, *disc_out, vae.decoder.conv_out.weight, gan_weight=0.1, feature_matching=1.0)
+        terms = adversarial_decoder_loss(
+            x, recon, *disc_out, vae.decoder.conv_out.weight, gan_weight=0.1, feature_matching=1.0
+        )
         pick(terms).backward()
         return terms, [p.grad for p in disc.parameters()], [p.grad for p in vae.decoder.parameters()]
 

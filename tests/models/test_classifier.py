@@ -13,7 +13,12 @@ LATENT_CHANNELS = CPU.autoencoder.latent_channels  # 4
 
 
 # Fixed sizes, so the expected shapes below do not follow edits of the cpu profile.
-SIZES = ["classifier.width=64", "classifier.num_heads=4", "classifier.channel_mult=1,2,2", "classifier.attention_resolutions=4"]
+SIZES = [
+    "classifier.width=64",
+    "classifier.num_heads=4",
+    "classifier.channel_mult=1,2,2",
+    "classifier.attention_resolutions=4",
+]
 
 
 def cpu_classifier(pool="attention", seed=0):
@@ -24,7 +29,9 @@ def cpu_classifier(pool="attention", seed=0):
 
 def inputs(n=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=g), torch.randint(0, 1000, (n,), generator=g)
+    return torch.randn(n, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=g), torch.randint(
+        0, 1000, (n,), generator=g
+    )
 
 
 @pytest.mark.parametrize("pool", ["attention", "mean"])
@@ -62,7 +69,9 @@ def test_the_levels_follow_channel_mult_and_attention_resolutions():
 def test_init_from_unet_copies_the_denoisers_encoder_half_and_refuses_another_architecture():
     from histodiff_ray.models.unet import build_unet
 
-    cfg = load_config("cpu", ["unet.base_channels=32", "unet.channel_mult=1,2", "unet.attention_resolutions=2", "unet.num_heads=2"])
+    cfg = load_config(
+        "cpu", ["unet.base_channels=32", "unet.channel_mult=1,2", "unet.attention_resolutions=2", "unet.num_heads=2"]
+    )
     torch.manual_seed(0)
     unet = build_unet(cfg.unet, LATENT_SIZE, LATENT_CHANNELS)
     classifier = build_classifier(cfg.classifier, LATENT_CHANNELS, LATENT_SIZE, num_classes=5, unet=cfg.unet)
@@ -153,7 +162,13 @@ def test_config_rejects_bad_values_naming_the_key(override, key):
 
 
 def test_config_accepts_good_values():
-    cfg = load_config("cpu", ["classifier.width=64", "classifier.channel_mult=1,2", "classifier.num_heads=8",
-                              "classifier.attention_resolutions=[1,2]"])
+    cfg = load_config(
+        "cpu",
+        [
+            "classifier.width=64",
+            "classifier.channel_mult=1,2",
+            "classifier.num_heads=8",
+            "classifier.attention_resolutions=[1,2]",
+        ],
+    )
     assert cfg.classifier.channel_mult == [1, 2] and cfg.classifier.num_heads == 8
-

@@ -1,11 +1,15 @@
-"""The training loops' restart path without Ray: a checkpoint written on one device and resumed on
-another (on a CPU: another dtype, the one move a CPU can show)."""
+"""The step runner without Ray: a checkpoint written on one device and resumed on another (on a CPU:
+another dtype, the one move a CPU can show), phases added to a finished run; unregistered checkpoint
+folders removed."""
+
+import json
 
 import torch
 
 from histodiff_ray.config import load_config
 from histodiff_ray.models.autoencoder import autoencoder_loss, build_autoencoder
-from histodiff_ray.train.loops import place_and_restore, write_checkpoint
+from histodiff_ray.storage import open_location
+from histodiff_ray.train.runner import place_and_restore, remove_unregistered_checkpoints, write_checkpoint
 
 
 def _step(vae, optimizer, dtype):
@@ -33,8 +37,9 @@ def test_resume_builds_the_optimizer_where_the_model_now_is(tmp_path):
 
     # A restart that trains elsewhere than where it saved: a GPU after a CPU-side build, here float64.
     restarted = build_autoencoder(cfg.autoencoder, 16)
-    optimizer, state = place_and_restore({"vae": restarted}, lambda: torch.optim.AdamW(restarted.parameters(), lr=1e-3),
-                                         torch.float64, str(tmp_path))
+    optimizer, state = place_and_restore(
+        {"vae": restarted}, lambda: torch.optim.AdamW(restarted.parameters(), lr=1e-3), torch.float64, str(tmp_path)
+    )
     assert state["step"] == 1
     moments = [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
     assert moments and all(t.dtype == torch.float64 for t in moments)
@@ -62,10 +67,30 @@ def test_a_phase_added_to_a_finished_run_starts_its_new_model_and_parameter_grou
     restarted, disc = build_autoencoder(cfg.autoencoder, 16), PatchDiscriminator(channels=4)
     fresh = {k: v.clone() for k, v in disc.state_dict().items()}
     groups = [{"params": list(restarted.parameters())}, {"params": list(disc.parameters()), "weight_decay": 0.0}]
-    optimizer, state = place_and_restore({"vae": restarted, "disc": disc}, lambda: torch.optim.AdamW(groups, lr=1e-3),
-                                         torch.float32, str(tmp_path))
+    optimizer, state = place_and_restore(
+        {"vae": restarted, "disc": disc}, lambda: torch.optim.AdamW(groups, lr=1e-3), torch.float32, str(tmp_path)
+    )
     assert state["step"] == 1 and len(optimizer.param_groups) == 2 and optimizer.param_groups[1]["weight_decay"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), restarted.state_dict().values()))
     assert all(torch.equal(fresh[k], v) for k, v in disc.state_dict().items())
     assert len(optimizer.state) == len(list(vae.parameters()))  # the autoencoder's moments only
     _step(restarted, optimizer, torch.float32)
+
+
+def test_unregistered_checkpoint_folders_are_removed(tmp_path):
+    run = open_location(str(tmp_path / "run"), load_config("cpu").storage)
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_partial"):
+        (tmp_path / "run" / name / "unet").mkdir(parents=True)
+    (tmp_path / "run" / "model").mkdir()
+    (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps(
+            {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}]}
+        )
+    )
+    assert remove_unregistered_checkpoints(run) == ["checkpoint_partial"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint_a",
+        "checkpoint_b",
+        "checkpoint_manager_snapshot.json",
+        "model",
+    ]

@@ -1,5 +1,5 @@
-"""Ray Train runs on the S3 server: autoencoder → latents → pre-training, a worker killed mid-run,
-resume by re-running, and every checkpoint on storage complete and loadable."""
+"""The diffusion stage on the S3 server: a worker killed mid-run, resume by re-running, fine-tuning,
+every checkpoint on storage complete and loadable; sampling; latent sets mixed by weight."""
 
 import io
 import json
@@ -13,15 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from histodiff_ray.config import load_config
 from histodiff_ray.storage import download_dir, list_files, open_location, read_bytes, read_run_info
-from histodiff_ray.train.trainer import pretrain, remove_unregistered_checkpoints
-
-@pytest.fixture(scope="module")
-def latents(tiny_latents):
-    """A fresh config per module (the drill changes step counts) over the session's tiny latent set."""
-    overrides, bucket = tiny_latents
-    return load_config("cpu", overrides), bucket
+from histodiff_ray.train.diffusion import finetune, pretrain
+from tests.train.conftest import csv_rows
 
 
 def _worker_pids():
@@ -61,18 +55,6 @@ def _assert_checkpoints_complete(run):
             assert weights and all(torch.isfinite(w).all() for w in weights.values())
         optimizer = torch.load(io.BytesIO(read_bytes(run.join(d, "optimizer.pt"))), weights_only=True)
         assert optimizer["state"] and state["step"] >= 1
-
-
-def test_unregistered_checkpoint_folders_are_removed(tmp_path):
-    run = open_location(str(tmp_path / "run"), load_config("cpu").storage)
-    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_partial"):
-        (tmp_path / "run" / name / "unet").mkdir(parents=True)
-    (tmp_path / "run" / "model").mkdir()
-    (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text(json.dumps(
-        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}]}))
-    assert remove_unregistered_checkpoints(run) == ["checkpoint_partial"]
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "checkpoint_a", "checkpoint_b", "checkpoint_manager_snapshot.json", "model"]
 
 
 def test_killed_worker_restarts_from_the_latest_checkpoint_then_reruns_resume_and_finetune(latents):
@@ -124,46 +106,10 @@ def test_killed_worker_restarts_from_the_latest_checkpoint_then_reruns_resume_an
     # Fine-tuning starts from that run's EMA weights, with its own LR and step budget.
     cfg.diffusion.finetune_steps, cfg.diffusion.finetune_warmup_steps = 2, 0
     ft_uri = f"s3://{bucket}/runs/ft"
-    ft = pretrain(cfg, [(f"s3://{bucket}/latents", 1.0)], ft_uri, finetune_from=run_uri)
+    ft = finetune(cfg, [(f"s3://{bucket}/latents", 1.0)], ft_uri, run_uri)
     assert ft["step"] == 2 and ft["finetuned_from"] == run_uri and ft["scale_factor"] == again["scale_factor"]
     assert ft["final_metrics"]["lr"] == cfg.diffusion.finetune_lr
     assert read_run_info(open_location(ft_uri, cfg.storage))["kind"] == "ldm"
-
-
-def csv_rows(run):
-    import csv
-
-    text = read_bytes(run.join("metrics.csv")).decode()
-    return [{k: float(v) if v else None for k, v in row.items()} | {"step": int(row["step"])} for row in csv.DictReader(io.StringIO(text))]
-
-
-def test_decoder_phases_train_the_decoder_alone_so_the_latents_do_not_change(latents):
-    # The decoder phase, then an adversarial phase added to the finished run (autoencoder.gan_steps
-    # raised, the same command re-run): it resumes at the last step with a fresh discriminator, two
-    # DDP workers train decoder and discriminator in one backward, and the encoder never moves.
-    from histodiff_ray.train.trainer import train_autoencoder
-
-    cfg, bucket = latents
-    cfg.autoencoder.max_steps, cfg.autoencoder.decoder_steps, cfg.ray.keep_checkpoints = 2, 2, 6
-    run_uri = f"s3://{bucket}/runs/ae-decoder"
-    info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], run_uri)
-    assert info["step"] == 4 and info["final_metrics"]["val_psnr"] > 5
-    cfg.autoencoder.gan_steps, cfg.autoencoder.gan_channels = 2, 8
-    info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], run_uri)
-    assert info["step"] == 6 and info["final_metrics"]["disc_loss"] > 0
-    run = open_location(run_uri, cfg.storage)
-    by_step = {}
-    for d in {f.split("/")[0] for f in list_files(run) if f.startswith("checkpoint_") and "/" in f}:
-        step = json.loads(read_bytes(run.join(d, "state.json")))["step"]
-        by_step[step] = load_safetensors(read_bytes(run.join(d, "vae", "diffusion_pytorch_model.safetensors")))
-    joint, decoder_only, adversarial = by_step[2], by_step[4], by_step[6]
-    frozen = [k for k in joint if k.startswith(("encoder.", "quant_conv."))]
-    trained = [k for k in joint if k.startswith(("decoder.", "post_quant_conv."))]
-    assert frozen and trained
-    assert all(torch.equal(joint[k], later[k]) for k in frozen for later in (decoder_only, adversarial))
-    assert any(not torch.equal(joint[k], decoder_only[k]) for k in trained)
-    assert any(not torch.equal(decoder_only[k], adversarial[k]) for k in trained)
-    assert [r["step"] for r in csv_rows(run)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_sample_writes_a_png_grid_of_decoded_tiles(latents):
@@ -175,7 +121,9 @@ def test_sample_writes_a_png_grid_of_decoded_tiles(latents):
     run_uri = f"s3://{bucket}/runs/ft"
     if not any(n == "run.json" for n in list_files(open_location(run_uri, cfg.storage))):
         pytest.skip("needs the fine-tuned run of the drill test")
-    overrides = [f"storage.{k}={getattr(cfg.storage, k)}" for k in ("endpoint_url", "access_key_id", "secret_access_key")]
+    overrides = [
+        f"storage.{k}={getattr(cfg.storage, k)}" for k in ("endpoint_url", "access_key_id", "secret_access_key")
+    ]
     out = f"s3://{bucket}/samples/grid.png"
     assert main(["sample", "--run", run_uri, "--n", "4", "--steps", "3", "--output", out, *overrides]) == 0
     grid = Image.open(io.BytesIO(read_bytes(open_location(out, cfg.storage))))
@@ -185,7 +133,7 @@ def test_sample_writes_a_png_grid_of_decoded_tiles(latents):
 def test_mix_by_weight_draws_sources_in_proportion(ray_local):
     import ray.data
 
-    from histodiff_ray.train.trainer import mix_by_weight
+    from histodiff_ray.train.diffusion import mix_by_weight
 
     # A few blocks each, as tile shards are: from_items' default of one block per ~row made the shuffle slow.
     small = ray.data.from_items([{"src": "small"}] * 100, override_num_blocks=2)
