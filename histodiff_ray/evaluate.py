@@ -42,6 +42,7 @@ in-domain network trained here on the real labeled tiles; no Inception weights c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -51,11 +52,24 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+import torch
+from tqdm import tqdm
 
-from histodiff_ray.config import Config, SelectionConfig
+from histodiff_ray.config import Config, SelectionConfig, config_from_dict
+from histodiff_ray.console import logger
+from histodiff_ray.data.ingest import TileOptions, labeled_at_fraction, plan_sources, process_files
+from histodiff_ray.data.synthetic import load_shards, read_tile_images
 from histodiff_ray.data.tiles import decode_images, load_tile_table, require_manifest
+from histodiff_ray.downstream import predict, step_budget, train_tile_classifier
 from histodiff_ray.errors import HistodiffError
+from histodiff_ray.judge import load_judge, read_judge_config
+from histodiff_ray.metrics import classification_report, fid, kid, mean_ci, precision_recall
+from histodiff_ray.raycluster import init_ray
+from histodiff_ray.selection import decide
 from histodiff_ray.storage import StorageError, check_access, exists, open_location, read_bytes, write_atomic
+
+log = logger(__name__)
 
 
 def load_synthetic(
@@ -66,9 +80,6 @@ def load_synthetic(
     trying thresholds) instead of reading the output's index."""
     out = open_location(uri, cfg.storage)
     if selection is not None:
-        from histodiff_ray.data.synthetic import load_shards
-        from histodiff_ray.selection import decide
-
         index = load_shards(
             out, ["tile_id", "label", "shard", "index", "confidence", "nearest_centroid", "real_distance"]
         )
@@ -97,7 +108,6 @@ def load_synthetic(
         if wanted.get(row["label"], 0) > 0:
             chosen.append(row)
             wanted[row["label"]] -= 1
-    from histodiff_ray.data.synthetic import read_tile_images
 
     images = read_tile_images(out, [r["tile_id"] for r in chosen], [r["shard"] for r in chosen])
     labels = [r["label"] for r in chosen]
@@ -105,10 +115,9 @@ def load_synthetic(
     if short:
         names = json.loads(read_bytes(out.join("plan.json")))["classes"]
         missing = ", ".join(f"{names[c]} {n}" for c, n in short.items())
-        print(
+        log.info(
             f"[evaluate] {uri}: fewer kept tiles than synthetic_ratio × real asks for (missing: {missing}); "
-            "using all there are",
-            flush=True,
+            "using all there are"
         )
     return (
         decode_images(images) if images else np.zeros((0, cfg.data.tile_size, cfg.data.tile_size, 3), np.uint8),
@@ -125,7 +134,6 @@ def load_test_set(
     ``known_ids`` are the tile set's own tile ids: pixel-identical tiles (content-hash ids) are
     counted as ``in_tile_set`` (a held-out set should have none). Read once per evaluation, in the
     driver; never used for training or any choice."""
-    from histodiff_ray.data.ingest import TileOptions, plan_sources, process_files
 
     where = f"--test {name}={uri}"
     loc = open_location(uri, cfg.storage)
@@ -164,10 +172,9 @@ def load_test_set(
         )
     quarantined += undecodable
     if quarantined:
-        print(
+        log.info(
             f"[evaluate] {where}: {len(quarantined)} files quarantined, e.g. {quarantined[0]['path']}: "
-            f"{quarantined[0]['reason']}",
-            flush=True,
+            f"{quarantined[0]['reason']}"
         )
     y = np.asarray(labels, np.int64)
     summary = {
@@ -180,7 +187,7 @@ def load_test_set(
         "in_tile_set": sum(1 for i in ids if i in known_ids),
     }
     if summary["in_tile_set"]:
-        print(f"[evaluate] {where}: {summary['in_tile_set']} of its tiles are also in the tile set", flush=True)
+        log.info(f"[evaluate] {where}: {summary['in_tile_set']} of its tiles are also in the tile set")
     return decode_images(tiles), y, summary
 
 
@@ -202,13 +209,6 @@ def _train_and_test(
     labels), trained on before the real ones). ``train``, ``val`` and each of ``tests`` (name → ...)
     are (uint8 tiles, labels); ``tests["test"]`` is the tile set's own test split. Ray resolves them
     from the object store."""
-    import dataclasses
-
-    import torch
-
-    from histodiff_ray.config import config_from_dict
-    from histodiff_ray.downstream import predict, step_budget, train_tile_classifier
-    from histodiff_ray.metrics import classification_report
 
     torch.set_num_threads(1)
     (train_x, train_y), (val_x, val_y) = train, val
@@ -292,7 +292,6 @@ def label_subsets(
 ) -> dict[float, np.ndarray]:
     """fraction → mask over the train tiles whose labels may be used at that fraction (nested; see
     the module docstring). ``labeled``, ``labels`` and ``groups`` are the train tiles' columns."""
-    from histodiff_ray.data.ingest import labeled_at_fraction
 
     own = manifest["label_fraction"]
     beyond = [f for f in fractions if f > own]
@@ -325,7 +324,6 @@ def synthetic_fraction(
     """The label fraction a synthetic set belongs to: that of the tile set it was generated from
     (``generate --tiles``, which its judge must have trained on), which must be one of ``subsets``
     with the very same labeled train tiles. (The guide's latents are not traced back here.)"""
-    from histodiff_ray.judge import read_judge_config
 
     try:
         plan = json.loads(read_bytes(open_location(uri, cfg.storage).join("plan.json")))
@@ -378,9 +376,6 @@ def evaluate(
 ) -> dict:
     """Train and score every arm × seed (see the module docstring); ``tests`` are external test sets
     (name → folder), ``test_mpp`` their microns per pixel where known (name → µm/px)."""
-    import ray
-
-    from histodiff_ray.raycluster import init_ray
 
     if "test" in (tests or {}):
         raise HistodiffError(
@@ -435,7 +430,7 @@ def evaluate(
         for arm in e.arms:
             use = {"real": "real", "real+aug": "aug"}.get(arm, arm)
             if arm == "pseudo-label" and mask.all():
-                print(f"[evaluate] label fraction {f}: no unlabeled train tiles, so no pseudo-label arm", flush=True)
+                log.info(f"[evaluate] label fraction {f}: no unlabeled train tiles, so no pseudo-label arm")
                 continue
             arms[(f, arm)] = (use, x, y, train_x[~mask] if arm == "pseudo-label" else None, None)
     synthetic_sets = {}
@@ -457,11 +452,10 @@ def evaluate(
                 identity,
             )
         if "first" in e.synthetic_uses and (len(syn_y) < 2 or cfg.downstream.epochs < 2):
-            print(
+            log.info(
                 f"[evaluate] {name}: no syn-first arm (it needs 2 kept synthetic tiles and downstream.epochs >= 2 to "
                 "split "
-                f"the budget; has {len(syn_y)} and {cfg.downstream.epochs})",
-                flush=True,
+                f"the budget; has {len(syn_y)} and {cfg.downstream.epochs})"
             )
         elif "first" in e.synthetic_uses:
             arms[(f, f"syn-first:{name}")] = ("first", x, y, (syn_x, syn_y), identity)
@@ -499,7 +493,7 @@ def evaluate(
             else:
                 todo[(f, arm, seed)] = stored
     if runs:
-        print(f"[evaluate] {len(runs)} of {len(runs) + len(todo)} runs finished before: reused", flush=True)
+        log.info(f"[evaluate] {len(runs)} of {len(runs) + len(todo)} runs finished before: reused")
     if todo:
         init_ray(cfg)
         task = ray.remote(num_cpus=e.cpus_per_run, num_gpus=e.gpus_per_run)(_train_and_test)
@@ -583,7 +577,6 @@ def evaluate(
 def _unit_ci(values: list[float]) -> dict:
     """mean_ci for a score in [0, 1]: the t-interval, clipped to [0, 1] (with few seeds it can
     reach past the bounds)."""
-    from histodiff_ray.metrics import mean_ci
 
     ci = mean_ci(values)
     if ci["ci_low"] is not None:
@@ -598,8 +591,6 @@ def _digest(data: bytes) -> str:
 def _gather(refs: dict) -> list[dict]:
     """Results of the task refs as they finish, each stored at once at its location (``refs`` maps
     ref → (location, fields to add to the result))."""
-    import ray
-    from tqdm import tqdm
 
     results, pending = [], list(refs)
     with tqdm(total=len(refs), desc="evaluate", unit="run") as bar:
@@ -618,9 +609,6 @@ def generation_metrics(
 ) -> dict:
     """FID, KID and precision/recall of each synthetic set against the real val tiles, per class and
     overall, on the judge's penultimate features."""
-    from histodiff_ray.downstream import predict
-    from histodiff_ray.judge import load_judge
-    from histodiff_ray.metrics import fid, kid, precision_recall
 
     model, config, _ = load_judge(judge, cfg.storage)
     _, real = predict(model, val_x)

@@ -34,8 +34,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from histodiff_ray.config import Config
+from histodiff_ray.console import logger
+from histodiff_ray.data.synthetic import read_tile_images
 from histodiff_ray.data.tiles import decode_images, load_tile_table, require_manifest
 from histodiff_ray.downstream import (
     load_tile_classifier,
@@ -45,8 +48,20 @@ from histodiff_ray.downstream import (
     train_tile_classifier,
 )
 from histodiff_ray.errors import HistodiffError
+from histodiff_ray.ldm import LatentDiffusion
 from histodiff_ray.metrics import fid, kid, precision_recall
-from histodiff_ray.storage import download_dir, exists, open_location, read_bytes, upload_dir, write_atomic
+from histodiff_ray.plots import curves_png
+from histodiff_ray.storage import (
+    download_dir,
+    exists,
+    open_location,
+    read_bytes,
+    read_run_info,
+    upload_dir,
+    write_atomic,
+)
+
+log = logger(__name__)
 
 KNN_K = 3  # Kynkäänniemi et al.'s k
 C2ST_STEPS = 300  # optimizer steps: ~6 s on one CPU thread for 64-px tiles, whatever their number
@@ -94,7 +109,7 @@ def train_or_load_oracle(cfg: Config, tiles: str, oracle: str) -> tuple[torch.nn
             )
         with tempfile.TemporaryDirectory(prefix="oracle-") as tmp:
             model, _ = load_tile_classifier(download_dir(oracle_loc, tmp))
-        print(f"[fidelity] reusing the oracle at {oracle_loc.uri} (val accuracy {summary['val_acc']:.3f})", flush=True)
+        log.info(f"[fidelity] reusing the oracle at {oracle_loc.uri} (val accuracy {summary['val_acc']:.3f})")
         return model, summary, True
 
     # Every train tile with a label, whatever its `labeled` mark (that mark is the method's budget).
@@ -109,15 +124,14 @@ def train_or_load_oracle(cfg: Config, tiles: str, oracle: str) -> tuple[torch.nn
             f"oracle (classes without train tiles: {missing or 'none'}; val tiles: {len(val_y)})"
         )
 
-    def log(row):
-        print(
+    def show_epoch(row):
+        log.info(
             f"[oracle] epoch {row['epoch']}/{cfg.downstream.epochs}: loss {row['loss']:.3f}, "
-            f"val acc {row['val_acc']:.3f}, val macro-F1 {row['val_macro_f1']:.3f}",
-            flush=True,
+            f"val acc {row['val_acc']:.3f}, val macro-F1 {row['val_macro_f1']:.3f}"
         )
 
     model, history = train_tile_classifier(
-        train_x, train_y, val_x, val_y, cfg.downstream, len(classes), seed=cfg.seed, log=log
+        train_x, train_y, val_x, val_y, cfg.downstream, len(classes), seed=cfg.seed, log=show_epoch
     )
     best = max(history, key=lambda r: r["val_macro_f1"])
     summary = {
@@ -272,7 +286,6 @@ def c2st(
 def load_kept_synthetic(cfg: Config, uri: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every kept tile of a generate output, as selected in its ``index.parquet``: (uint8 tiles,
     labels) in class and tile order, and the number of tiles generated per class."""
-    from histodiff_ray.data.synthetic import read_tile_images
 
     out = open_location(uri, cfg.storage)
     try:
@@ -366,7 +379,7 @@ def fidelity(
                 f"the synthetic set at {uri} has {syn_x.shape[1]} px tiles, the tile set {val_x.shape[1]} px"
             )
         probs, features = predict(model, syn_x)
-        print(f"[fidelity] {name}: {len(syn_y)} kept of {int(generated.sum())} generated tiles", flush=True)
+        log.info(f"[fidelity] {name}: {len(syn_y)} kept of {int(generated.sum())} generated tiles")
         per_class = measure_set(
             val_x,
             val_y,
@@ -471,11 +484,6 @@ def checkpoint_curve(
     against the training samples seen so far (a fine-tune continues its parent's count). The same
     ``n`` seeds are sampled at every checkpoint (DDIM, ``steps`` steps, η = 1), so the points differ
     only by the weights. Writes OUT/curve.json and OUT/curve.png; returns the rows."""
-    from safetensors.torch import load_file
-
-    from histodiff_ray.ldm import LatentDiffusion
-    from histodiff_ray.plots import curves_png
-    from histodiff_ray.storage import read_run_info
 
     tiles_loc, out = open_location(tiles, cfg.storage), open_location(output, cfg.storage)
     model, _, _ = train_or_load_oracle(cfg, tiles, oracle)
@@ -520,10 +528,9 @@ def checkpoint_curve(
                 "fid": fid(val_features, fake_features),
                 "c2st": None if test is None else test["accuracy"],
             }
-            print(
+            log.info(
                 f"[fidelity-curve] {run} step {step}: precision {precision:.3f}, recall {recall:.3f}, "
-                f"FID {row['fid']:.1f}, C2ST {row['c2st']}",
-                flush=True,
+                f"FID {row['fid']:.1f}, C2ST {row['c2st']}"
             )
             rows.append(row)
         seen_before += info["step"] * per_step

@@ -22,18 +22,34 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tempfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+from tqdm import tqdm
 
-from histodiff_ray.config import Config, hashable
+from histodiff_ray.config import Config, StorageConfig, hashable
+from histodiff_ray.console import logger
 from histodiff_ray.data.images import encode_png
+from histodiff_ray.data.latents import _storage_dict
 from histodiff_ray.data.shards import damaged_shards
 from histodiff_ray.data.synthetic import PLAN_FORMAT, SHARD_SCHEMA, select_synthetic, shard_records
 from histodiff_ray.data.tiles import decode_images, iter_tile_tables, require_manifest
+from histodiff_ray.diffusion.guidance import classifier_cond_fn
+from histodiff_ray.downstream import predict
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.storage import Location, open_location, read_bytes, read_run_info, write_atomic
+from histodiff_ray.judge import load_judge, read_judge_config
+from histodiff_ray.ldm import LatentDiffusion
+from histodiff_ray.models.classifier import load_classifier
+from histodiff_ray.raycluster import init_ray
+from histodiff_ray.selection import SIGNATURE_SIZE, box_thumbnails, nearest_centroid_scores, nearest_real_distance
+from histodiff_ray.storage import Location, download_dir, open_location, read_bytes, read_run_info, write_atomic
+
+log = logger(__name__)
 
 
 def tile_seed(seed: int, label: int, index: int) -> int:
@@ -76,16 +92,6 @@ class Synthesizer:
     """A Ray Data callable class: models are loaded once per actor; each call makes whole shards."""
 
     def __init__(self, plan: dict, out: str, storage: dict, real_thumbs, threads: int, compile_unet: bool = False):
-        import tempfile
-
-        import ray
-        import torch
-
-        from histodiff_ray.config import StorageConfig
-        from histodiff_ray.judge import load_judge
-        from histodiff_ray.ldm import LatentDiffusion
-        from histodiff_ray.models.classifier import load_classifier
-        from histodiff_ray.storage import download_dir
 
         torch.set_num_threads(threads)
         st = StorageConfig(**storage)
@@ -115,11 +121,6 @@ class Synthesizer:
         return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
     def make_shard(self, row: dict) -> pa.Table:
-        import torch
-
-        from histodiff_ray.diffusion.guidance import classifier_cond_fn
-        from histodiff_ray.downstream import predict
-        from histodiff_ray.selection import nearest_centroid_scores, nearest_real_distance
 
         plan, s = self.plan, self.plan["sampling"]
         label, count, start = int(row["label"]), int(row["count"]), int(row["start"])
@@ -199,12 +200,6 @@ def generate(
 ) -> dict:
     """Plan, synthesize the missing shards, then select; returns the summary. ``classifier`` is the
     guide's run with ``guidance.kind: classifier`` and None with ``classifier_free``."""
-    import ray
-    import ray.data
-
-    from histodiff_ray.data.latents import _storage_dict
-    from histodiff_ray.judge import read_judge_config
-    from histodiff_ray.raycluster import init_ray
 
     out = open_location(output, cfg.storage)
     tiles_loc = open_location(tiles, cfg.storage)
@@ -252,14 +247,13 @@ def generate(
     unmade = damaged_shards(out, shard_records(plan), SHARD_SCHEMA)
     for path, reason in unmade.items():
         if reason != "missing":
-            print(f"[generate] {out.join(path)} is damaged ({reason}): making it again", flush=True)
+            log.info(f"[generate] {out.join(path)} is damaged ({reason}): making it again")
     todo = [s for s in plan["shards"] if f"shards/{s['shard']}.parquet" in unmade]
     total = sum(s["count"] for s in plan["shards"])
-    print(
+    log.info(
         f"[generate] {total} tiles in {len(plan['shards'])} shards; {len(plan['shards']) - len(todo)} shards already "
         "done, "
-        f"{len(todo)} to make",
-        flush=True,
+        f"{len(todo)} to make"
     )
     if todo:
         init_ray(cfg)
@@ -288,7 +282,6 @@ def train_thumbnails(tiles: Location) -> np.ndarray:
     """Box thumbnails of every train tile, for the memorization audit, decoded one shard at a
     time: the driver never holds the tiles themselves (19 GB at 256 px and 10⁵ tiles; their
     thumbnails take 77 MB)."""
-    from histodiff_ray.selection import SIGNATURE_SIZE, box_thumbnails
 
     parts = [
         box_thumbnails(decode_images(t.column("image")))
@@ -299,7 +292,6 @@ def train_thumbnails(tiles: Location) -> np.ndarray:
 
 
 def _drain(ds, tiles: int, progress: bool) -> None:
-    from tqdm import tqdm
 
     with tqdm(total=tiles, unit="tile", desc="generate", disable=not progress, mininterval=1.0) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

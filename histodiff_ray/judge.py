@@ -21,13 +21,17 @@ import tempfile
 import numpy as np
 import pyarrow.compute as pc
 import torch
+from safetensors.torch import load_file, save_file
 
 from histodiff_ray.config import Config
+from histodiff_ray.console import logger
 from histodiff_ray.data.tiles import decode_images, load_tile_table, require_manifest
 from histodiff_ray.downstream import load_tile_classifier, predict, save_tile_classifier, train_tile_classifier
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.selection import class_centroids
 from histodiff_ray.storage import download_dir, open_location, read_bytes, upload_dir
+
+log = logger(__name__)
 
 
 def train_judge(cfg: Config, tiles: str, output: str) -> dict:
@@ -48,15 +52,14 @@ def train_judge(cfg: Config, tiles: str, output: str) -> dict:
             f"train-judge: no labeled train tiles for class(es) {missing} in {tiles}; raise data.label_fraction"
         )
 
-    def log(row):
-        print(
+    def show_epoch(row):
+        log.info(
             f"[judge] epoch {row['epoch']}/{cfg.downstream.epochs}: loss {row['loss']:.3f}, "
-            f"val acc {row['val_acc']:.3f}, val macro-F1 {row['val_macro_f1']:.3f}",
-            flush=True,
+            f"val acc {row['val_acc']:.3f}, val macro-F1 {row['val_macro_f1']:.3f}"
         )
 
     model, history = train_tile_classifier(
-        train_x, train_y, val_x, val_y, cfg.downstream, len(classes), seed=cfg.seed, log=log
+        train_x, train_y, val_x, val_y, cfg.downstream, len(classes), seed=cfg.seed, log=show_epoch
     )
     _, features = predict(model, val_x)
     centroids = class_centroids(torch.from_numpy(features), torch.from_numpy(val_y), len(classes))
@@ -71,8 +74,6 @@ def train_judge(cfg: Config, tiles: str, output: str) -> dict:
         "val_macro_f1": best["val_macro_f1"],
     }
     with tempfile.TemporaryDirectory() as tmp:
-        from safetensors.torch import save_file
-
         save_tile_classifier(model, cfg.downstream.arch, classes, cfg.data.tile_size, tmp, extra={"judge": summary})
         save_file(
             {"centroids": torch.as_tensor(np.asarray(centroids), dtype=torch.float32).contiguous()},
@@ -96,7 +97,6 @@ def read_judge_config(judge_dir: str, storage) -> dict:
 
 def load_judge(judge_dir: str, storage) -> tuple[torch.nn.Module, dict, np.ndarray]:
     """(model, config, centroids K×D) from a judge folder, local or S3."""
-    from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory(prefix="judge-") as tmp:
         local = download_dir(open_location(judge_dir, storage), tmp)

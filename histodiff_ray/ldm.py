@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, UNet2DModel
 from PIL import Image
 from tqdm import tqdm
 
@@ -36,7 +37,6 @@ class LatentDiffusion:
 
     @classmethod
     def from_run(cls, run: Location, device: str | None = None) -> LatentDiffusion:
-        from diffusers import AutoencoderKL, UNet2DModel
 
         info = read_run_info(run)
         dev = torch.device(device) if device else default_device()

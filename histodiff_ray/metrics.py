@@ -1,49 +1,37 @@
-"""Metrics in plain numpy / torch (no Ray, no scipy, no sklearn).
+"""Metrics (no Ray): torchmetrics and scipy where they have the measure, our own code where not.
 
-- image quality: :func:`psnr`, :func:`ssim` (images in [0, 1], N×C×H×W; one value per image);
-- classification: :func:`classification_report`, :func:`macro_f1`;
-- summaries over seeds/runs: :func:`mean_ci` (Student-t interval; :func:`t_quantile`, :func:`t_cdf`);
-- generation quality on N×D feature vectors: :func:`fid`, :func:`kid`, :func:`precision_recall`.
+- image quality: :func:`psnr`, :func:`ssim` (torchmetrics; images in [0, 1], N×C×H×W; one value per image);
+- classification: :func:`classification_report`, :func:`macro_f1` (the confusion matrix from torchmetrics;
+  sklearn's conventions, which the per-class arithmetic below spells out);
+- summaries over seeds/runs: :func:`mean_ci` (Student-t interval, scipy's quantile);
+- generation quality on N×D feature vectors: :func:`fid`, :func:`kid` (torchmetrics, on features
+  computed elsewhere) and :func:`precision_recall` (Kynkäänniemi et al. 2019; no library has it).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from scipy.stats import t as student_t
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(1.0 / mse)
+    """Peak signal-to-noise ratio per image (images in [0, 1])."""
+    return peak_signal_noise_ratio(b, a, data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
-def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
-    x = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Structural similarity per image (Wang et al. 2004: 11×11 Gaussian window, σ = 1.5, valid region)."""
+    return structural_similarity_index_measure(b, a, data_range=1.0, reduction="none")
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004): 11×11 Gaussian window, σ = 1.5, valid region."""
-    c = a.shape[1]
-    w = _gaussian_window(window, sigma, c, a)
-    mu_a, mu_b = F.conv2d(a, w, groups=c), F.conv2d(b, w, groups=c)
-    var_a = F.conv2d(a * a, w, groups=c) - mu_a**2
-    var_b = F.conv2d(b * b, w, groups=c) - mu_b**2
-    cov = F.conv2d(a * b, w, groups=c) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation metrics for the downstream harness (numpy / torch only, no Ray, no scipy, no sklearn).
-# ---------------------------------------------------------------------------------------------------
+# --- classification --------------------------------------------------------------------------------
 
 
 def _labels(y, num_classes: int, name: str) -> np.ndarray:
@@ -62,7 +50,7 @@ def _confusion(y_true, y_pred, num_classes: int) -> np.ndarray:
     t, p = _labels(y_true, num_classes, "y_true"), _labels(y_pred, num_classes, "y_pred")
     if len(t) != len(p):
         raise ValueError(f"y_true and y_pred differ in length ({len(t)} vs {len(p)})")
-    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return multiclass_confusion_matrix(torch.from_numpy(p), torch.from_numpy(t), num_classes).numpy()
 
 
 def _per_class_f1(cm: np.ndarray) -> np.ndarray:
@@ -126,85 +114,7 @@ def classification_report(y_true, y_pred, num_classes: int, class_names=None) ->
     }
 
 
-# --- Student's t quantile (no scipy) ---------------------------------------------------------------
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz, Numerical Recipes 6.4)."""
-    tiny, eps = 1e-300, 1e-16
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 100_000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            return h
-    raise RuntimeError("incomplete beta continued fraction did not converge")
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """CDF of Student's t with ``df`` degrees of freedom: 1 − ½·I_{df/(df+t²)}(df/2, ½) for t ≥ 0."""
-    if df <= 0:
-        raise ValueError("df must be > 0")
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t: the exact inverse of :func:`t_cdf`, found by bisection.
-
-    For ``df > 1e6`` (or ``inf``) the normal quantile with the first Cornish-Fisher term
-    z + (z³ + z)/(4·df) is used (error < 1e-9 there).
-    """
-    if not 0.0 < p < 1.0:
-        raise ValueError("p must be in (0, 1)")
-    if df <= 0:
-        raise ValueError("df must be > 0")
-    if p == 0.5:
-        return 0.0
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    if df > 1e6:
-        z = statistics.NormalDist().inv_cdf(p)
-        return z + (z**3 + z) / (4.0 * df) if math.isfinite(df) else z
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-14 * hi:
-            break
-    return 0.5 * (lo + hi)
+# --- summaries over seeds ---------------------------------------------------------------------------
 
 
 def mean_ci(values, confidence: float = 0.95) -> dict:
@@ -227,7 +137,7 @@ def mean_ci(values, confidence: float = 0.95) -> dict:
     if n == 1:
         return {"mean": mean, "sd": None, "ci_low": None, "ci_high": None, "n": 1}
     sd = float(v.std(ddof=1))
-    half = t_quantile(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
+    half = float(student_t.ppf(0.5 + confidence / 2.0, n - 1)) * sd / math.sqrt(n)
     return {"mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "n": n}
 
 
@@ -252,63 +162,49 @@ def _pair(real, fake) -> tuple[np.ndarray, np.ndarray]:
     return r, f
 
 
-def _sqrtm_psd(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh(s)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+class _GivenFeatures(torch.nn.Module):
+    """The identity as torchmetrics' feature extractor: FID and KID of feature vectors computed
+    elsewhere (the oracle's or the judge's penultimate layer)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 def fid(real, fake) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017).
-
-    FID = ‖μ₁ − μ₂‖² + Tr Σ₁ + Tr Σ₂ − 2·Tr √(Σ₁Σ₂), with unbiased covariances (ddof=1, as in
-    pytorch-fid / clean-fid), all in float64. No scipy ``sqrtm``: with A = √Σ₁ (symmetric PSD, by
-    eigen-decomposition) Σ₁Σ₂ = A·(AΣ₂) and A·Σ₂·A = (AΣ₂)·A have the same eigenvalues (XY and YX
-    always do), so Tr √(Σ₁Σ₂) = Tr √(√Σ₁ Σ₂ √Σ₁) = Σᵢ √λᵢ with λᵢ the eigenvalues of the symmetric
-    PSD matrix √Σ₁ Σ₂ √Σ₁ (rounding negatives clipped to 0). Works for singular covariances
-    (N ≤ D). Tiny negative results from rounding are clipped to 0. Needs N ≥ 2 per set.
-    """
+    """Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017), in float64
+    with unbiased covariances (torchmetrics). Tiny negative results from rounding are clipped to 0.
+    Needs N ≥ 2 per set."""
     r, f = _pair(real, fake)
     if len(r) < 2 or len(f) < 2:
         raise ValueError("fid needs at least two samples per set")
-    mu1, mu2 = r.mean(0), f.mean(0)
-    s1, s2 = np.atleast_2d(np.cov(r, rowvar=False)), np.atleast_2d(np.cov(f, rowvar=False))
-    a = _sqrtm_psd(s1)
-    m = a @ s2 @ a
-    lam = np.linalg.eigvalsh((m + m.T) / 2.0)
-    tr_covmean = float(np.sqrt(np.clip(lam, 0.0, None)).sum())
-    value = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
-    return max(value, 0.0)
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(r.shape[1]))
+    metric.update(torch.from_numpy(r), real=True)
+    metric.update(torch.from_numpy(f), real=False)
+    return max(float(metric.compute()), 0.0)
 
 
 def kid(real, fake, subsets: int = 10, subset_size: int | None = None, seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance (Bińkowski et al. 2018): unbiased MMD² with k(x, y) = (x·y/d + 1)³.
-
-    Each of ``subsets`` rounds draws ``subset_size`` rows (without replacement) from each set —
-    default ``min(len(real), len(fake), 1000)`` as in clean-fid — and computes
-    MMD²_u = [Σ_{i≠j} k(xᵢ,xⱼ) + Σ_{i≠j} k(yᵢ,yⱼ)] / (m(m−1)) − 2·Σ_{i,j} k(xᵢ,yⱼ) / m².
-    Returns ``(mean, sd)`` over the rounds (sd with ddof=0, as torchmetrics and the original code).
-    The estimate is unbiased, so it can be slightly negative for matching distributions. Deterministic
-    for a given ``seed``. Computed in float64.
-    """
+    """Kernel Inception Distance (Bińkowski et al. 2018; torchmetrics): unbiased MMD² with
+    k(x, y) = (x·y/d + 1)³ over ``subsets`` random subsets of ``subset_size`` rows from each set
+    (default ``min(len(real), len(fake), 1000)``, as in clean-fid). Returns ``(mean, sd)`` over the
+    subsets. Unbiased, so slightly negative for matching distributions; deterministic for a ``seed``."""
     r, f = _pair(real, fake)
     if subsets < 1:
         raise ValueError("subsets must be >= 1")
     m = min(len(r), len(f), 1000) if subset_size is None else int(subset_size)
     if m < 2 or m > min(len(r), len(f)):
         raise ValueError(f"subset_size must be in [2, min(len(real), len(fake))], got {m}")
-    d = r.shape[1]
-    rng = np.random.default_rng(seed)
-    scores = []
-    for _ in range(subsets):
-        x = r[rng.choice(len(r), m, replace=False)]
-        y = f[rng.choice(len(f), m, replace=False)]
-        kxx = (x @ x.T / d + 1.0) ** 3
-        kyy = (y @ y.T / d + 1.0) ** 3
-        kxy = (x @ y.T / d + 1.0) ** 3
-        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-        scores.append(within - 2.0 * kxy.sum() / (m * m))
-    scores = np.asarray(scores)
-    return float(scores.mean()), float(scores.std())
+    metric = KernelInceptionDistance(feature=_GivenFeatures(r.shape[1]), subsets=subsets, subset_size=m)
+    metric.update(torch.from_numpy(r), real=True)
+    metric.update(torch.from_numpy(f), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, sd = metric.compute()
+    return float(mean), float(sd)
 
 
 def _knn_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:

@@ -20,7 +20,20 @@ import time
 from collections.abc import Callable
 
 from histodiff_ray.config import Config, hashable
-from histodiff_ray.storage import exists, open_location, read_bytes, write_atomic
+from histodiff_ray.console import logger
+from histodiff_ray.data.ingest import ingest
+from histodiff_ray.data.latents import encode_latents
+from histodiff_ray.evaluate import evaluate
+from histodiff_ray.fidelity import fidelity
+from histodiff_ray.generate import generate
+from histodiff_ray.judge import train_judge
+from histodiff_ray.report import build_report
+from histodiff_ray.storage import exists, list_files, open_location, read_bytes, write_atomic
+from histodiff_ray.train.autoencoder import train_autoencoder
+from histodiff_ray.train.diffusion import finetune, pretrain
+from histodiff_ray.train.guide import train_classifier
+
+log = logger(__name__)
 
 # What each stage reads from the config (section or section.key).
 STAGE_KEYS = {
@@ -79,9 +92,9 @@ class Stages:
         out = self.path(name, digest)
         marker = self.work.join("stages", f"{name}-{digest}.json")
         if exists(marker):
-            print(f"[pipeline] {name}: done before (config hash {digest}), skipped", flush=True)
+            log.info(f"[pipeline] {name}: done before (config hash {digest}), skipped")
             return out
-        print(f"[pipeline] {name}: running → {out}", flush=True)
+        log.info(f"[pipeline] {name}: running → {out}")
         t0 = time.perf_counter()
         result = fn(out) or {}
         seconds = time.perf_counter() - t0
@@ -94,14 +107,10 @@ class Stages:
                 default=str,
             ).encode(),
         )
-        print(
-            f"[pipeline] {name}: finished in {seconds:.0f} s ({time.perf_counter() - self.started:.0f} s so far)",
-            flush=True,
-        )
+        log.info(f"[pipeline] {name}: finished in {seconds:.0f} s ({time.perf_counter() - self.started:.0f} s so far)")
         return out
 
     def timings(self) -> dict[str, float]:
-        from histodiff_ray.storage import list_files
 
         found = {}
         for name in list_files(self.work.join("stages")) if exists(self.work.join("stages")) else []:
@@ -120,16 +129,6 @@ def run_pipeline(
     notes: list[str] | None = None,
     unlabeled_mpp: float | None = None,
 ) -> dict:
-    from histodiff_ray.data.ingest import ingest
-    from histodiff_ray.data.latents import encode_latents
-    from histodiff_ray.evaluate import evaluate
-    from histodiff_ray.fidelity import fidelity
-    from histodiff_ray.generate import generate
-    from histodiff_ray.judge import train_judge
-    from histodiff_ray.report import build_report
-    from histodiff_ray.train.autoencoder import train_autoencoder
-    from histodiff_ray.train.diffusion import finetune, pretrain
-    from histodiff_ray.train.guide import train_classifier
 
     s = Stages(cfg, workdir)
     h_target = stage_hash(cfg, "ingest", inputs=(labeled,))
@@ -192,7 +191,7 @@ def run_pipeline(
         title=title,
         notes=(notes or []) + [f"stage timings (s): {s.timings()}"],
     )
-    print(f"[pipeline] report: {report}", flush=True)
+    log.info(f"[pipeline] report: {report}")
     return {"report": report, "evaluation": ev, "synthetic": syn, "fidelity": fid, "timings": s.timings()}
 
 

@@ -35,6 +35,15 @@ def quiet_libraries() -> None:
     diffusers_logging.set_verbosity_error()
 
 
+def setup_worker() -> None:
+    """Run in every worker process of the job as it starts (``worker_process_setup_hook``): quiet
+    libraries, and this cluster's address for Ray's state API, which Train's placement-group
+    cleaner queries; without it, another Ray cluster on the machine makes the query fail with a
+    traceback ("Found multiple active Ray instances")."""
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    quiet_libraries()
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to ``cfg.ray.address`` ("auto" joins a cluster started with `ray start`), or to
     RAY_ADDRESS (as `ray job submit` sets it); otherwise start a new local cluster — never silently
@@ -53,11 +62,17 @@ def init_ray(cfg: Config) -> None:
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "RAY_DATA_LOG_LEVEL": "ERROR",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        # Ray's own deprecations inside Ray Data; DDP's note on 1×1-conv gradient strides (harmless).
+        "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::UserWarning:torch.autograd.graph",
+        "DIFFUSERS_VERBOSITY": "error",  # "install accelerate", at every model load in every actor
     }
     ray.init(
         address=address,
         include_dashboard=False,
         logging_level=ray_log_level(),
         logging_config=ray.LoggingConfig(log_level=ray_log_level()),
-        runtime_env={"env_vars": quiet_env} if quiet else None,
+        runtime_env={
+            "worker_process_setup_hook": "histodiff_ray.raycluster.setup_worker",
+            **({"env_vars": quiet_env} if quiet else {}),
+        },
     )

@@ -14,12 +14,16 @@ import io
 import json
 import math
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow.parquet as pq
 
 from histodiff_ray.config import Config
 from histodiff_ray.data.synthetic import read_tile_images
 from histodiff_ray.data.tiles import decode_images, decode_png, load_tile_table, require_manifest
+from histodiff_ray.fidelity import TABLE_HEADER, table_rows
+from histodiff_ray.ldm import tile_grid
 from histodiff_ray.storage import exists, open_location, read_bytes, write_atomic
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;background:#fff}
@@ -30,7 +34,6 @@ img{max-width:520px;image-rendering:pixelated;border:1px solid #ddd}.note{color:
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -39,7 +42,6 @@ def _png(fig) -> bytes:
 
 
 def _grid_png(tiles: np.ndarray, columns: int = 8) -> bytes:
-    from histodiff_ray.ldm import tile_grid
 
     buf = io.BytesIO()
     tile_grid(tiles, columns=columns).save(buf, format="PNG", optimize=True)
@@ -65,10 +67,8 @@ def build_report(
 ) -> str:
     """Write OUTPUT/report.html and OUTPUT/img/*.png; returns the report's URI. ``evaluation`` and
     ``fidelity`` are the output folders of `histodiff evaluate` / `histodiff fidelity`."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out = open_location(output, cfg.storage)
     tiles_loc = open_location(tiles, cfg.storage)
@@ -169,7 +169,6 @@ def _ci(ci: dict) -> str:
 
 
 def _evaluation_html(result: dict, put) -> str:
-    import matplotlib.pyplot as plt
 
     classes = result["classes"]
     external = result.get("external_tests", {})
@@ -298,7 +297,6 @@ def _steps(row: dict) -> str:
 
 def _label_efficiency_png(result: dict) -> bytes:
     """Accuracy against labeled tiles, one line per arm, with the seeds' 95% t-intervals."""
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for arm in dict.fromkeys(r["arm"] for r in result["arms"].values()):
@@ -329,7 +327,6 @@ def _label_efficiency_png(result: dict) -> bytes:
 
 
 def _fidelity_html(result: dict) -> str:
-    from histodiff_ray.fidelity import TABLE_HEADER, table_rows
 
     parts = [
         "<h2>Fidelity of the kept synthetic tiles</h2>",

@@ -76,7 +76,7 @@ class S3Settings:
         return pafs.S3FileSystem(**kwargs)
 
     def fsspec(self):
-        import s3fs
+        import s3fs  # noqa: PLC0415 — here, not at the top: the CLI imports this module for --help too
 
         client_kwargs = {"region_name": self.region}
         if self.endpoint_url:
@@ -116,7 +116,7 @@ class Location:
         """The same place as an fsspec filesystem (for libraries that want one)."""
         if self.s3 is not None:
             return self.s3.fsspec()
-        import fsspec
+        import fsspec  # noqa: PLC0415
 
         return fsspec.filesystem("file")
 

@@ -25,11 +25,21 @@ import dataclasses
 import io
 
 import numpy as np
+import ray.tune
 import yaml
+from ray.tune.schedulers import ASHAScheduler
 
-from histodiff_ray.config import Config, config_from_dict
+from histodiff_ray.config import Config, StorageConfig, config_from_dict
+from histodiff_ray.console import logger
+from histodiff_ray.data.tiles import decode_images, load_tile_table
+from histodiff_ray.downstream import train_tile_classifier
+from histodiff_ray.errors import HistodiffError
+from histodiff_ray.evaluate import load_synthetic
 from histodiff_ray.generate import generate
+from histodiff_ray.raycluster import init_ray
 from histodiff_ray.storage import open_location, write_atomic
+
+log = logger(__name__)
 
 
 def _synthetic_uri(output: str, scale: float) -> str:
@@ -39,12 +49,6 @@ def _synthetic_uri(output: str, scale: float) -> str:
 def trial(params: dict, storage: dict) -> None:
     """One Tune trial (a function trainable): select from its guidance scale's set, train.
     ``storage`` (credentials included) comes through the object store, never Tune's saved params."""
-    import ray.tune
-
-    from histodiff_ray.config import StorageConfig
-    from histodiff_ray.data.tiles import decode_images, load_tile_table
-    from histodiff_ray.downstream import train_tile_classifier
-    from histodiff_ray.evaluate import load_synthetic
 
     cfg = config_from_dict(params["cfg"])
     cfg.storage = StorageConfig(**storage)
@@ -86,16 +90,12 @@ def trial(params: dict, storage: dict) -> None:
 
 
 def sweep(cfg: Config, *, tiles: str, ldm: str, classifier: str, judge: str, output: str) -> dict:
-    import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from histodiff_ray.raycluster import init_ray
 
     s = cfg.sweep
     init_ray(cfg)
     out = open_location(output, cfg.storage)
     for scale in s.guidance_scales:
-        print(f"[sweep] the synthetic set at guidance scale {scale:g}", flush=True)
+        log.info(f"[sweep] the synthetic set at guidance scale {scale:g}")
         generate(
             dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, guidance_scale=float(scale))),
             ldm=ldm,
@@ -154,8 +154,6 @@ def sweep(cfg: Config, *, tiles: str, ldm: str, classifier: str, judge: str, out
             }
         )
     if not any(not r["error"] for r in rows):
-        from histodiff_ray.errors import HistodiffError
-
         raise HistodiffError(f"sweep: every trial failed; first error: {rows[0]['error'] if rows else 'no trials ran'}")
     rows.sort(key=lambda r: -r["val_macro_f1"])
     best = next(r for r in rows if not r["error"])

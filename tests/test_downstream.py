@@ -43,7 +43,7 @@ def test_classic_augment_always_turns_and_flips_and_adds_colour_only_when_asked(
 
 def test_the_step_budget_follows_budget_tiles_not_the_training_set():
     x, y = _two_stains(48, 3)
-    cfg = DownstreamConfig(arch="resnet18", epochs=2, patience=2, batch_size=16, lr=1e-3, weight_decay=0.0)
+    cfg = DownstreamConfig(arch="resnet18", epochs=2, val_every=1, patience=2, batch_size=16, lr=1e-3, weight_decay=0.0)
     _, own = train_tile_classifier(x[:16], y[:16], x[:8], y[:8], cfg, num_classes=2, seed=0)
     _, more = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=0, budget_tiles=16)
     # 16 real tiles, batch 16: one step an epoch, whether the arm holds 16 tiles or three times as many.
@@ -58,7 +58,7 @@ def test_the_step_budget_follows_budget_tiles_not_the_training_set():
 def test_training_keeps_the_best_val_epoch_and_survives_save_and_load(tmp_path):
     train_x, train_y = _two_stains(32, 1)
     val_x, val_y = _two_stains(16, 2)
-    cfg = DownstreamConfig(arch="resnet18", epochs=6, patience=1, batch_size=16, lr=1e-3, weight_decay=0.0)
+    cfg = DownstreamConfig(arch="resnet18", epochs=6, val_every=1, patience=1, batch_size=16, lr=1e-3, weight_decay=0.0)
     model, history = train_tile_classifier(train_x, train_y, val_x, val_y, cfg, num_classes=2, seed=0)
     f1s = [h["val_macro_f1"] for h in history]
     best = max(f1s)
@@ -100,7 +100,7 @@ def test_val_is_scored_every_val_every_epochs_and_after_the_last():
 
 def test_training_can_start_from_another_model_without_changing_it():
     x, y = _two_stains(32, 6)
-    cfg = DownstreamConfig(arch="resnet18", epochs=1, patience=1, batch_size=16, lr=1e-3, weight_decay=0.0)
+    cfg = DownstreamConfig(arch="resnet18", epochs=1, val_every=1, patience=1, batch_size=16, lr=1e-3, weight_decay=0.0)
     first, _ = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=0)
     before = {k: v.clone() for k, v in first.state_dict().items()}
     second, _ = train_tile_classifier(x, y, x[:8], y[:8], cfg, num_classes=2, seed=1, init=first)

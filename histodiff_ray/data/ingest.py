@@ -30,12 +30,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 from tqdm import tqdm
 
 from histodiff_ray.config import Config
+from histodiff_ray.console import logger
 from histodiff_ray.data import images
 from histodiff_ray.data.dedupe import assign_groups
-from histodiff_ray.data.shards import write_shard
+from histodiff_ray.data.shards import damaged_shards, write_shard
 from histodiff_ray.data.tiles import (
     MANIFEST_FORMAT,
     SHARD_SCHEMA,
@@ -46,7 +48,10 @@ from histodiff_ray.data.tiles import (
     shard_paths,
 )
 from histodiff_ray.errors import HistodiffError
+from histodiff_ray.raycluster import init_ray
 from histodiff_ray.storage import Location, check_access, list_files, open_location
+
+log = logger(__name__)
 
 SAFE_CLASS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 FILES_PER_TASK = 64
@@ -501,7 +506,6 @@ def repair_shards(
     with the splits, labels and duplicate groups their index files recorded (nothing moves between
     splits); a damaged index file beside a sound shard is rewritten from the shard. Returns how many
     shards were rewritten. Tile sets written before index files existed cannot be repaired."""
-    from histodiff_ray.data.shards import damaged_shards
 
     damaged = damaged_shards(output, manifest["shards"], SHARD_SCHEMA, checksum=verify)
     index_schema = SHARD_SCHEMA.remove(SHARD_SCHEMA.get_field_index("image"))
@@ -549,7 +553,7 @@ def repair_shards(
             )
         name = record["path"].removeprefix("shards/")
         manifest["shards"][i] = _write_shard_pair(output, name, [{**r, "image": made[r["tile_id"]]} for r in rows])
-        print(f"[ingest] rewrote {shard} ({damaged[record['path']]}) from {len(origins)} source file(s)", flush=True)
+        log.info(f"[ingest] rewrote {shard} ({damaged[record['path']]}) from {len(origins)} source file(s)")
     return len(damaged)
 
 
@@ -567,9 +571,6 @@ def ingest(
     """Ingest ``inputs`` into the tile set at ``output``; returns the committed manifest. Damaged or
     missing shards of ``output`` are rewritten from their sources first (``verify``: also compare
     every stored shard's SHA-256 with the manifest's, which reads the whole tile set)."""
-    import ray
-
-    from histodiff_ray.raycluster import init_ray
 
     if not inputs:
         raise IngestError("ingest needs at least one --input")

@@ -9,17 +9,25 @@ scale-by-std), which makes the diffusion model's inputs unit-variance.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray.data
+import torch
+from ray.data.expressions import col, lit
 
-from histodiff_ray.config import Config
+from histodiff_ray.config import Config, StorageConfig
 from histodiff_ray.data.shards import check_shards, write_shard
 from histodiff_ray.data.tiles import SHARD_SCHEMA, decode_png, read_parquet, require_manifest, shard_paths
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.storage import Location, open_location, read_bytes, write_atomic
+from histodiff_ray.models import default_device
+from histodiff_ray.models.autoencoder import load_autoencoder
+from histodiff_ray.raycluster import init_ray
+from histodiff_ray.storage import Location, download_dir, open_location, read_bytes, write_atomic
 
 LATENT_FORMAT = "histodiff-latents/1"
 META_COLUMNS = ["tile_id", "label", "labeled", "split", "source"]
@@ -30,14 +38,6 @@ class LatentEncoder:
     """A Ray Data callable class: the autoencoder is loaded once per actor."""
 
     def __init__(self, vae_dir: str, storage: dict):
-        import tempfile
-
-        import torch
-
-        from histodiff_ray.config import StorageConfig
-        from histodiff_ray.models import default_device
-        from histodiff_ray.models.autoencoder import load_autoencoder
-        from histodiff_ray.storage import download_dir
 
         torch.set_num_threads(1)  # one thread per actor: actors, not threads, scale across cores
         self.device = default_device()
@@ -46,7 +46,6 @@ class LatentEncoder:
             self.vae = load_autoencoder(local).to(self.device).eval()
 
     def __call__(self, batch: dict) -> dict:
-        import torch
 
         pixels = np.stack([decode_png(b) for b in batch["image"]]).transpose(0, 3, 1, 2)
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).float() / 127.5 - 1.0
@@ -63,9 +62,6 @@ def encode_latents(cfg: Config, tiles: str, vae_dir: str, output: str, actors: i
     The actors stream; the latents are then gathered at the driver to compute the scale factor and
     write sorted shards (2 KB per tile at the cpu profile, 24 KB at the paper's: fine to ~10⁵–10⁶
     tiles; beyond that this step should write shards from the actors directly)."""
-    import ray.data
-
-    from histodiff_ray.raycluster import init_ray
 
     tiles_loc, out = open_location(tiles, cfg.storage), open_location(output, cfg.storage)
     manifest = require_manifest(tiles_loc)
@@ -116,7 +112,6 @@ def encode_latents(cfg: Config, tiles: str, vae_dir: str, output: str, actors: i
 def _storage_dict(cfg: Config) -> dict:
     """Storage settings for actors, credentials included (they are needed to read the model);
     they travel inside Ray's object store, never through logs or job metadata."""
-    import dataclasses
 
     return dataclasses.asdict(cfg.storage)
 
@@ -171,7 +166,6 @@ def read_latents(
     """A Ray Dataset of float32 latents (unscaled) with labels (−1 where unlabeled); ``pseudo_labels``
     (tile_id → class) or ``soft_labels`` (tile_id → probabilities, see ``decode_latents``) label
     unlabeled tiles, and ``labeled_only`` keeps the tiles with a label."""
-    from ray.data.expressions import col, lit
 
     manifest = load_latent_manifest(root)
     check_shards(

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
 from PIL import Image
+from ray.data.expressions import col, lit
 
 from histodiff_ray.config import Config
 from histodiff_ray.data.shards import check_shards
@@ -94,9 +99,6 @@ def shard_paths(root: Location, manifest: dict[str, Any]) -> list[str]:
 def read_parquet(paths: list[str], filesystem):
     """``ray.data.read_parquet`` sized to the data: Ray 2.60 starts 32 footer-reading actors on
     every pass by default, which costs seconds per epoch for a tile set of a few shards."""
-    import os
-
-    import ray.data
 
     os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = str(max(1, min(32, len(paths) // 16)))
     return ray.data.read_parquet(paths, filesystem=filesystem)
@@ -123,7 +125,6 @@ def decode_batch(batch: dict[str, np.ndarray], augment: bool = False, seed: int 
 
 def _tile_rows(root: Location, split: str | None, labeled_only: bool, sources: list[str] | None, keep_ids: bool):
     """The undecoded rows (PNG bytes and labels) of one tile set, filtered."""
-    from ray.data.expressions import col, lit
 
     if split is not None and split not in SPLITS:
         raise TileSetError(f"split {split!r} is not one of {SPLITS}")
@@ -180,8 +181,6 @@ def read_tiles(
 def iter_tile_tables(root: Location, split: str, *, labeled_only: bool = False, columns: list[str] | None = None):
     """The rows of one split, one shard at a time (no Ray): for work that must not hold a whole
     tile set's pixels at once."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     manifest = require_manifest(root)
     if split not in SPLITS:

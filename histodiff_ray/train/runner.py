@@ -41,14 +41,19 @@ import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
 from tensorboardX import SummaryWriter
 
 from histodiff_ray.config import Config, config_from_dict
+from histodiff_ray.console import logger
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.plots import curves_png
 from histodiff_ray.raycluster import quiet_libraries, ray_log_level
 from histodiff_ray.storage import Location, download_dir, read_bytes, upload_dir, write_atomic
+
+log = logger(__name__)
 
 
 def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -172,7 +177,7 @@ class StepRunner:
             if at_checkpoint:
                 checkpoint = _save_checkpoint(self.models, self.optimizer, {"step": self.step, "history": self.history})
             shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step" and isinstance(v, float))
-            print(f"[{self.name}] step {self.step}/{total}: {shown}", flush=True)  # Ray forwards it to the driver
+            log.info(f"[{self.name}] step {self.step}/{total}: {shown}")  # Ray forwards it to the driver
         ray.train.report(row, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
         self._window, self._started = [], time.perf_counter()
 
@@ -253,8 +258,6 @@ def write_metrics(history: list[dict], folder: str) -> None:
 
 def fit(cfg: Config, loop, loop_config: dict, datasets: dict, run: Location):
     """Run ``loop`` on ``cfg.ray.num_workers`` Ray Train workers; the run is named by ``run``."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     parent, name = run.path.rstrip("/").rsplit("/", 1)
     resources = {"CPU": cfg.ray.cpus_per_worker}
@@ -310,7 +313,7 @@ def remove_unregistered_checkpoints(run: Location) -> list[str]:
                 pass
             removed.append(name)
     if removed:
-        print(
+        log.info(
             f"[train] removed {len(removed)} checkpoint folder(s) Ray Train has not registered: "
             f"{', '.join(sorted(removed))}"
         )
