@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from histodiff_ray.config import Config, load_config
-from histodiff_ray.console import VERBOSE_ENV
+from histodiff_ray.console import VERBOSE_ENV, verbose
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.storage import open_location
 
@@ -53,6 +53,18 @@ def then(_, text: str) -> str:
 def vae_folder(cfg: Config, run: str) -> str:
     """The autoencoder folder of a finished train-autoencoder run, as the latent set records it."""
     return open_location(run, cfg.storage).join("model", "vae").uri
+
+
+def latents_summary(manifest: dict, output: str) -> str:
+    """What encode-latents prints: the latent set, its rows and shape, and the scale factor, as JSON."""
+    return json.dumps(
+        {
+            "latents": output,
+            "rows": manifest["rows"],
+            "latent_shape": manifest["latent_shape"],
+            "scale_factor": round(manifest["scale_factor"], 5),
+        }
+    )
 
 
 def run_summary(info: dict, run: str, **extra) -> str:
@@ -213,17 +225,8 @@ COMMANDS: tuple[Command, ...] = (
             arg("--output", required=True, help="latent set folder (local or s3://)"),
             arg("--actors", type=int, default=2, help="encoder actors (each loads the model once)"),
         ),
-        call=lambda m, cfg, a: json.dumps(
-            {
-                "latents": a.output,
-                **{
-                    k: round(v, 5) if k == "scale_factor" else v
-                    for k, v in m.encode_latents(
-                        cfg, a.tiles, vae_folder(cfg, a.autoencoder), a.output, actors=a.actors
-                    ).items()
-                    if k in ("rows", "latent_shape", "scale_factor")
-                },
-            }
+        call=lambda m, cfg, a: latents_summary(
+            m.encode_latents(cfg, a.tiles, vae_folder(cfg, a.autoencoder), a.output, actors=a.actors), a.output
         ),
     ),
     Command(
@@ -342,7 +345,8 @@ COMMANDS: tuple[Command, ...] = (
             arg("--output", required=True, help="output folder (local or s3://)"),
             arg("--per-class", type=int, default=None, help="tiles generated per class (default: generate.per_class)"),
         ),
-        call=lambda m, cfg, a: m.selection_report(
+        # generate logs its selection report (kept / generated per class) as it ends
+        call=lambda m, cfg, a: then(
             m.generate(
                 cfg,
                 ldm=a.ldm,
@@ -351,7 +355,8 @@ COMMANDS: tuple[Command, ...] = (
                 tiles=a.tiles,
                 output=a.output,
                 per_class=a.per_class,
-            )
+            ),
+            "",
         ),
     ),
     Command(
@@ -583,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     command: Command = args.handler
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
+    if not verbose():  # before the stage's module imports diffusers, which reads it once
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         cfg = load_config(args.config, args.overrides) if command.loads_config else None
         text = command.call(importlib.import_module(command.module), cfg, args)

@@ -37,7 +37,7 @@ from histodiff_ray.console import logger
 from histodiff_ray.data.images import encode_png
 from histodiff_ray.data.latents import _storage_dict
 from histodiff_ray.data.shards import damaged_shards
-from histodiff_ray.data.synthetic import PLAN_FORMAT, SHARD_SCHEMA, select_synthetic, shard_records
+from histodiff_ray.data.synthetic import PLAN_FORMAT, SHARD_SCHEMA, select_synthetic, selection_report, shard_records
 from histodiff_ray.data.tiles import decode_images, iter_tile_tables, require_manifest
 from histodiff_ray.diffusion.guidance import classifier_cond_fn
 from histodiff_ray.downstream import predict
@@ -275,7 +275,9 @@ def generate(
             num_gpus=cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0,
         )
         _drain(ds, sum(s["count"] for s in todo), progress)
-    return select_synthetic(cfg, output, cfg.selection)
+    summary = select_synthetic(cfg, output, cfg.selection)
+    log.info(selection_report(summary))
+    return summary
 
 
 def train_thumbnails(tiles: Location) -> np.ndarray:

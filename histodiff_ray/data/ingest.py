@@ -420,7 +420,7 @@ def _commit_chunk(results: list[FileResult], manifest: dict, index: TileIndex, o
                         {
                             "path": t["origin"],
                             "reason": f"same pixels as {twin['origin']} but labeled {t['label_name']!r}, not "
-                            "{twin['label_name']!r}; fix the label",
+                            f"{twin['label_name']!r}; fix the label",
                         }
                     )
                 elif twin["origin"] != t["origin"]:

@@ -1,4 +1,4 @@
-"""A synthetic tile set: its format, reader and re-selection (`histodiff select-synthetic`).
+"""A synthetic tile set: its format, reader and re-selection (`histodiff select`).
 
 ``histodiff generate`` (``histodiff_ray/generate.py``) writes one; evaluate, fidelity, report and
 the sweep read one. Its folder holds::

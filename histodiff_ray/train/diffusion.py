@@ -40,7 +40,7 @@ from histodiff_ray.train.runner import StepRunner, export, fit, load_unet_weight
 def pretrain(cfg: Config, latents: list[tuple[str, float]], run: str) -> dict:
     """Pre-train the latent UNet on one or more (latent set, weight) pairs, mixed by weight; labels unused."""
     init_ray(cfg)
-    manifests = [load_latent_manifest(open_location(uri, cfg.storage)) for uri, _ in latents]
+    manifests = _latent_manifests(cfg, latents)
     d = cfg.diffusion
     budget = {"name": "pretrain", "lr": d.lr, "max_steps": d.max_steps, "warmup_steps": d.warmup_steps}
     return _train(cfg, latents, manifests, run, budget, manifests[0]["scale_factor"], init_weights=None, parent=None)
@@ -54,7 +54,7 @@ def finetune(
     embedding and trains on the labels of the one labeled latent set, and with ``pseudo_labels_from``
     (a judge) on its pseudo-labels of the unlabeled train tiles too; otherwise labels are unused."""
     init_ray(cfg)
-    manifests = [load_latent_manifest(open_location(uri, cfg.storage)) for uri, _ in latents]
+    manifests = _latent_manifests(cfg, latents)
     parent_loc = open_location(pretrained, cfg.storage)
     parent = read_run_info(parent_loc)
     if parent.get("autoencoder") != manifests[0]["autoencoder"]:
@@ -98,6 +98,17 @@ def finetune(
     )
 
 
+def _latent_manifests(cfg: Config, latents: list[tuple[str, float]]) -> list[dict]:
+    """The latent sets' manifests, once they are known to come from one autoencoder."""
+    manifests = [load_latent_manifest(open_location(uri, cfg.storage)) for uri, _ in latents]
+    autoencoders = {m["autoencoder"] for m in manifests}
+    if len(autoencoders) != 1:
+        raise HistodiffError(
+            f"latent sets were encoded by different autoencoders {sorted(autoencoders)}; encode them with one"
+        )
+    return manifests
+
+
 def _train(
     cfg: Config,
     latents: list[tuple[str, float]],
@@ -110,12 +121,7 @@ def _train(
     classes: list[str] | None = None,
     pseudo=None,
 ) -> dict:
-    autoencoders = {m["autoencoder"] for m in manifests}
-    if len(autoencoders) != 1:
-        raise HistodiffError(
-            f"latent sets were encoded by different autoencoders {sorted(autoencoders)}; encode them with one"
-        )
-    vae_dir = autoencoders.pop()
+    vae_dir = manifests[0]["autoencoder"]
     run_loc = open_location(run, cfg.storage)
     locs = [open_location(uri, cfg.storage) for uri, _ in latents]
     labels, pseudo_summary = pseudo if pseudo is not None else (None, None)
@@ -205,7 +211,7 @@ def diffusion_loop(config: dict) -> None:
     class (dropped to the null class with ``guidance.label_dropout``), unlabeled ones (label −1)
     with the null class."""
     budget = config["budget"]
-    runner = StepRunner(config, budget["name"])
+    runner = StepRunner(config, budget["name"], rank_stride=1000)
     cfg = runner.cfg
     d = cfg.diffusion
     c, side, _ = config["latent_shape"]

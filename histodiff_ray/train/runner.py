@@ -50,7 +50,7 @@ from histodiff_ray.config import Config, config_from_dict
 from histodiff_ray.console import logger
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.plots import curves_png
-from histodiff_ray.raycluster import quiet_libraries, ray_log_level
+from histodiff_ray.raycluster import quiet_train_worker, ray_log_level
 from histodiff_ray.storage import Location, download_dir, read_bytes, upload_dir, write_atomic
 
 log = logger(__name__)
@@ -84,12 +84,12 @@ class StepRunner:
         runner.log(total=ae.max_steps, log_every=..., checkpoint_every=..., evaluate=...)
     """
 
-    def __init__(self, config: dict, name: str, *, seed_offset: int = 0):
+    def __init__(self, config: dict, name: str, *, seed_offset: int = 0, rank_stride: int = 1):
         self.cfg: Config = config_from_dict(config["cfg"])
         self.name = name
-        quiet_libraries()
+        quiet_train_worker()
         self.rank = ray.train.get_context().get_world_rank()
-        torch.manual_seed(self.cfg.seed + seed_offset + 1000 * self.rank)
+        torch.manual_seed(self.cfg.seed + seed_offset + rank_stride * self.rank)
         self.device = ray.train.torch.get_device()
         self.step, self.history, self.resumed_from = 0, [], None
         self.lr = 0.0
@@ -105,6 +105,7 @@ class StepRunner:
         self.step, self.history = state.get("step", 0), state.get("history", [])
         if state:
             self.resumed_from = self.step
+        self._started = time.perf_counter()  # the first row's rate counts training, not setup
         return self.optimizer
 
     def batches(self, shard, batch_size: int, until: int, **iter_args) -> Iterator[dict]:
@@ -275,7 +276,7 @@ def fit(cfg: Config, loop, loop_config: dict, datasets: dict, run: Location):
             storage_filesystem=run.filesystem,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
-            logging_config=ray.LoggingConfig(log_level=ray_log_level()),
+            logging_config=ray.train.LoggingConfig(log_level=ray_log_level()),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
