@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -201,7 +202,9 @@ def kid(real, fake, subsets: int = 10, subset_size: int | None = None, seed: int
     m = min(len(r), len(f), 1000) if subset_size is None else int(subset_size)
     if m < 2 or m > min(len(r), len(f)):
         raise ValueError(f"subset_size must be in [2, min(len(real), len(fake))], got {m}")
-    metric = KernelInceptionDistance(feature=_GivenFeatures(r.shape[1]), subsets=subsets, subset_size=m)
+    with warnings.catch_warnings():  # "will save all extracted features": they are given, and kept anyway
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=_GivenFeatures(r.shape[1]), subsets=subsets, subset_size=m)
     metric.update(torch.from_numpy(r), real=True)
     metric.update(torch.from_numpy(f), real=False)
     with torch.random.fork_rng(devices=[]):
