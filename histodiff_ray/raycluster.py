@@ -4,7 +4,8 @@ The console shows the project's own progress and summaries. Quiet (the default),
 progress bars and its INFO and WARNING log records are switched off in every process of the job:
 Ray Data's operator bars from every task, Train's per-report lines, and the state-API warning that
 Train's placement-group cleaner repeats every few seconds (there is no dashboard to ask). Errors
-still show, and Ray's process logs (raylet, GCS, each worker's stdout and stderr) stay in
+still show; the driver's records down to INFO go to the command's log file (``console.log_to_file``),
+and Ray's process logs (raylet, GCS, each worker's stdout and stderr) stay in
 ``/tmp/ray/session_latest/logs``. ``histodiff --verbose`` or ``HISTODIFF_VERBOSE=1`` brings everything
 back (``histodiff_ray/console.py``).
 """
@@ -18,7 +19,7 @@ import ray
 import ray.data
 
 from histodiff_ray.config import Config
-from histodiff_ray.console import VERBOSE_ENV, verbose
+from histodiff_ray.console import VERBOSE_ENV, note_in_log, route_library_logs, verbose
 
 
 def ray_log_level() -> str:
@@ -74,4 +75,9 @@ def init_ray(cfg: Config) -> None:
             # Workers on other machines (`ray start`, KubeRay) see the verbosity only through the job.
             "env_vars": env if quiet else {VERBOSE_ENV: "1"},
         },
+    )
+    route_library_logs()  # ray.init has just set Ray's loggers: the command's log file keeps their records
+    note_in_log(
+        f"Ray cluster {ray.get_runtime_context().gcs_address}: each node keeps its processes' logs "
+        "(workers' stdout and stderr, Ray Data's ray-data.log) in /tmp/ray/session_latest/logs"
     )

@@ -72,6 +72,8 @@ def test_dotted_overrides_are_typed():
             "storage.endpoint_url=http://127.0.0.1:9000",
             "diffusion.lr=1e-4",
             "ray.address=null",
+            "diffusion.max_steps=1e3",
+            "autoencoder.batch_size=8",
         ],
     )
     assert cfg.data.label_fraction == 0.05
@@ -80,6 +82,8 @@ def test_dotted_overrides_are_typed():
     assert cfg.storage.endpoint_url == "http://127.0.0.1:9000"
     assert cfg.diffusion.lr == 1e-4
     assert cfg.ray.address is None
+    assert cfg.diffusion.max_steps == 1000 and isinstance(cfg.diffusion.max_steps, int)
+    assert cfg.autoencoder.batch_size == 8
 
 
 @pytest.mark.parametrize(
@@ -94,6 +98,17 @@ def test_dotted_overrides_are_typed():
         ("data.augment=maybe", ["data.augment", "maybe", "true or false"]),
         ("storage.endpoint_url=localhost:9000", ["storage.endpoint_url", "http://"]),
         ("data=5", ["data", "mapping"]),
+        ("diffusion.max_steps=2.5", ["diffusion.max_steps=2.5", "an integer >= 1"]),
+        ("data.augment.flips=1", ["data.augment", "true or false"]),
+        ("autoencoder.batch_size=0", ["autoencoder.batch_size=0", "an integer >= 1, or null"]),
+        ("sampling.ddim_steps=1001", ["sampling.ddim_steps=1001", "an integer in [1, 1000]"]),
+        ("unet.channel_mult=1,0,2", ["unet.channel_mult=[1, 0, 2]", "a non-empty list of integers >= 1"]),
+        (
+            "evaluate.arms=real,best",
+            ["evaluate.arms=['real', 'best']", "drawn from ['real', 'real+aug', 'pseudo-label']"],
+        ),
+        ("evaluate.label_fractions=0.05,0.05", ["evaluate.label_fractions", "distinct"]),
+        ("data.val_fraction=0.9", ["data.val_fraction+test_fraction", "below 1"]),
         ("data.label_fraction", ["section.key=value"]),
     ],
 )
@@ -104,10 +119,13 @@ def test_bad_keys_and_values_name_the_key_the_value_and_what_is_allowed(override
         assert text in str(err.value)
 
 
-def test_yaml_file_with_an_unknown_key_fails(tmp_path):
+def test_yaml_file_with_an_unknown_key_or_a_bad_value_fails(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("data:\n  tile_size: 64\n  colour: pink\n")
     with pytest.raises(ConfigError, match="data.colour"):
+        load_config(str(path))
+    path.write_text("diffusion:\n  loss: huber\n")
+    with pytest.raises(ConfigError, match=r"diffusion.loss='huber' is not allowed; expected 'l1' or 'l2'"):
         load_config(str(path))
 
 

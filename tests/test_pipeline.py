@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from histodiff_ray.storage import exists, list_files, open_location
+from histodiff_ray.storage import exists, list_files, open_location, read_bytes
 from tests.conftest import GEN, TINY
 from tests.data.test_ingest import make_labeled_input
 
@@ -100,6 +100,9 @@ def test_pipeline_resumes_after_a_kill_and_skips_finished_stages(
     }
     result = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert result["report"].endswith("report/report.html") and exists(open_location(result["report"], cfg.storage))
+    # The rerun's full log is in the workdir (the killed run's, kept locally until the end, is not).
+    (log,) = [name for name in list_files(work) if name.startswith("logs/pipeline-")]
+    assert "[pipeline] evaluation: running" in read_bytes(work.join(log)).decode()
 
     # A changed evaluate setting reruns the evaluation only; everything upstream is reused.
     again = subprocess.run(cmd + ["evaluate.synthetic_ratio=0.5"], env=env, capture_output=True, text=True, timeout=900)

@@ -21,6 +21,7 @@ import ray.train.torch
 import torch
 
 from histodiff_ray.config import Config
+from histodiff_ray.console import logger
 from histodiff_ray.data.tiles import decode_images, load_tile_table, read_tiles
 from histodiff_ray.ldm import save_png, tile_grid
 from histodiff_ray.metrics import psnr, ssim
@@ -35,6 +36,8 @@ from histodiff_ray.models.autoencoder import (
 from histodiff_ray.raycluster import init_ray
 from histodiff_ray.storage import Location, download_dir, open_location, read_run_info, write_atomic
 from histodiff_ray.train.runner import StepRunner, export, fit, warmup_cosine
+
+log = logger(__name__)
 
 
 def train_autoencoder(cfg: Config, tiles: list[str], run: str) -> dict:
@@ -188,7 +191,9 @@ def evaluate_autoencoder(vae, val, device, batch_size: int, max_tiles: int | Non
         total_ssim += ssim(a, b).sum().item()
         n += len(x)
     vae.train()
-    return {"val_psnr": total_psnr / max(n, 1), "val_ssim": total_ssim / max(n, 1), "val_tiles": int(n)}
+    if n == 0:  # tile sets too small for a val split: no score, rather than a score of 0
+        return {"val_tiles": 0}
+    return {"val_psnr": total_psnr / n, "val_ssim": total_ssim / n, "val_tiles": int(n)}
 
 
 def write_reconstructions(run: Location, tile_sets: list[Location], per_set: int = 16, columns: int = 8) -> dict:
@@ -223,6 +228,12 @@ def write_reconstructions(run: Location, tile_sets: list[Location], per_set: int
             "colour_error": colour.item(),
         }
         shown.append((tiles[:per_set], recon[:per_set]))
+    if not shown:
+        log.info(
+            "[autoencoder] no val tiles in %s: no reconstruction scores or grid",
+            ", ".join(loc.uri for loc in tile_sets),
+        )
+        return scores
     real = np.concatenate([t for t, _ in shown])
     recon = np.concatenate([r for _, r in shown])
     blank = np.full((columns, *real.shape[1:]), 255, np.uint8)  # pads a short last row, so reals sit above their own

@@ -1,0 +1,66 @@
+"""The CLI's full log: every command that writes a folder keeps FOLDER/logs/COMMAND-TIME.log."""
+
+import logging
+import sys
+
+from tqdm import tqdm
+
+from histodiff_ray.cli import COMMANDS, main
+from histodiff_ray.config import load_config
+from histodiff_ray.console import log_to_file
+from histodiff_ray.storage import list_files, open_location, read_bytes
+from tests.data.test_ingest import make_labeled_input
+
+
+def test_the_log_file_holds_the_console_and_what_quiet_mode_keeps_off_it(tmp_path, capsys):
+    path = tmp_path / "logs" / "x.log"
+    levels = {name: logging.getLogger(name).level for name in ("", "ray", "ray.data", "some.library")}
+    with log_to_file(str(path), ["histodiff x --flag"]):
+        print("[stage] a line for the console")
+        logging.getLogger("ray.data").info("an INFO record of Ray's")
+        logging.getLogger("some.library").info("an INFO record of another library")
+        for _ in tqdm(range(3), desc="stage", file=sys.stderr, mininterval=0):
+            pass
+    console = capsys.readouterr()
+    text = path.read_text()
+    assert text.startswith("# histodiff x --flag\n")
+    assert "[stage] a line for the console" in console.out and "[stage] a line for the console" in text
+    for record in ("an INFO record of Ray's", "an INFO record of another library"):
+        assert record in text and record not in console.out + console.err
+    # The bar's redraws stay on the console; the file keeps its last state, once.
+    assert "\r" not in text and text.count("stage: 100%") == 1
+    # Afterwards the console and the loggers are as they were.
+    assert type(sys.stdout).__name__ != "_Tee" and type(sys.stderr).__name__ != "_Tee"
+    assert {name: logging.getLogger(name).level for name in levels} == levels
+    logging.getLogger("some.library").warning("after the block")
+    assert "after the block" not in path.read_text()
+
+
+def test_every_command_that_writes_a_folder_names_it_for_its_log():
+    by_name = {c.name: c for c in COMMANDS}
+    for name in ("stream", "sample"):  # they write no folder
+        assert by_name[name].log_to is None
+    for command in COMMANDS:
+        if command.log_to:
+            assert any(f"--{command.log_to}" in flags for flags, _ in command.args), command.name
+
+
+def test_a_command_logs_into_its_output_folder_on_s3_with_credentials_masked(
+    tmp_path, shared_data, s3, s3_overrides, bucket, capsys
+):
+    source = make_labeled_input(tmp_path / "input", shared_data, classes=("AC", "T"), per_class=12)
+    output = f"s3://{bucket}/tiles"
+    assert main(["ingest", "--input", str(source), "--labeled", "--output", output, *s3_overrides]) == 0
+    console = capsys.readouterr()
+    folder = open_location(output, load_config("cpu", s3_overrides).storage)
+    logs = [n for n in list_files(folder) if n.startswith("logs/")]
+    assert len(logs) == 1 and logs[0].startswith("logs/ingest-") and logs[0].endswith(".log")
+    assert f"full log in {output}/{logs[0]}" in console.err
+    text = read_bytes(folder.join(logs[0])).decode()
+    assert f"--output {output}" in text and "storage.secret_access_key=***" in text
+    assert [line for line in text.splitlines() if s3.secret_key in line] == []
+    assert f"tile set: {output}/manifest.json" in text  # the console's summary, time-stamped
+    # A failing command logs its error too.
+    assert main(["ingest", "--input", str(tmp_path / "nothing"), "--labeled", "--output", output, *s3_overrides]) == 2
+    second = {n for n in list_files(folder) if n.startswith("logs/")} - set(logs)
+    assert len(second) == 1 and "histodiff: error:" in read_bytes(folder.join(second.pop())).decode()
