@@ -59,14 +59,13 @@ from tqdm import tqdm
 from histodiff_ray.config import Config, SelectionConfig, config_from_dict
 from histodiff_ray.console import logger
 from histodiff_ray.data.ingest import TileOptions, labeled_at_fraction, plan_sources, process_files
-from histodiff_ray.data.synthetic import load_shards, read_tile_images
+from histodiff_ray.data.synthetic import SCORE_COLUMNS, decide_rows, load_shards, read_tile_images
 from histodiff_ray.data.tiles import decode_images, load_tile_table, require_manifest
 from histodiff_ray.downstream import predict, step_budget, train_tile_classifier
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.judge import load_judge, read_judge_config
 from histodiff_ray.metrics import classification_report, fid, kid, mean_ci, precision_recall
 from histodiff_ray.raycluster import init_ray
-from histodiff_ray.selection import decide
 from histodiff_ray.storage import StorageError, check_access, exists, open_location, read_bytes, write_atomic
 
 log = logger(__name__)
@@ -80,16 +79,8 @@ def load_synthetic(
     trying thresholds) instead of reading the output's index."""
     out = open_location(uri, cfg.storage)
     if selection is not None:
-        index = load_shards(
-            out, ["tile_id", "label", "shard", "index", "confidence", "nearest_centroid", "real_distance"]
-        )
-        kept, _ = decide(
-            index.column("label").to_numpy(),
-            index.column("confidence").to_numpy(),
-            index.column("nearest_centroid").to_numpy(),
-            index.column("real_distance").to_numpy(),
-            selection,
-        )
+        index = load_shards(out, ["tile_id", "shard", "index", *SCORE_COLUMNS])
+        kept, _ = decide_rows(index, selection)
         index = index.append_column("kept", pa.array(kept))
     else:
         try:

@@ -129,26 +129,18 @@ class Synthesizer:
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         if self.guide is not None:
             scale = s["guidance_scale"]
-            z = self.ldm.sample(
-                count,
-                steps=s["ddim_steps"],
-                eta=s["eta"],
-                sampler=s.get("sampler", "ddim"),
-                generator=generators,
-                cond_fn=classifier_cond_fn(self.guide, labels),
-                guidance_scale=scale,
-            )
+            steering = {"cond_fn": classifier_cond_fn(self.guide, labels), "guidance_scale": scale}
         else:
             scale = s["cfg_scale"]
-            z = self.ldm.sample(
-                count,
-                steps=s["ddim_steps"],
-                eta=s["eta"],
-                sampler=s.get("sampler", "ddim"),
-                generator=generators,
-                labels=labels,
-                cfg_scale=scale,
-            )
+            steering = {"labels": labels, "cfg_scale": scale}
+        z = self.ldm.sample(
+            count,
+            steps=s["ddim_steps"],
+            eta=s["eta"],
+            sampler=s.get("sampler", "ddim"),
+            generator=generators,
+            **steering,
+        )
         tiles = self.ldm.decode(z)
         probs, features = predict(self.judge, tiles)
         nearest, similarity = nearest_centroid_scores(features, self.centroids, np.full(count, label))

@@ -104,18 +104,20 @@ def _read_checked_images(out: Location, tile_ids: list[str], shards: list[str]) 
     return [found[t] for t in tile_ids]
 
 
+SCORE_COLUMNS = ["label", "confidence", "nearest_centroid", "real_distance"]
+
+
+def decide_rows(table: pa.Table, selection: SelectionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The selection rules (selection.decide) on the stored scores of a synthetic set's rows."""
+    return decide(*(table.column(name).to_numpy() for name in SCORE_COLUMNS), selection)
+
+
 def select_synthetic(cfg: Config, output: str, selection: SelectionConfig, *, write_pngs: bool = True) -> dict:
     """Apply the selection rules and the per-class cap to a finished synthetic set."""
     out = open_location(output, cfg.storage)
     plan = json.loads(read_bytes(out.join("plan.json")))
     table = load_shards(out).sort_by([("label", "ascending"), ("index", "ascending")])
-    kept, reason = decide(
-        table.column("label").to_numpy(),
-        table.column("confidence").to_numpy(),
-        table.column("nearest_centroid").to_numpy(),
-        table.column("real_distance").to_numpy(),
-        selection,
-    )
+    kept, reason = decide_rows(table, selection)
     index = table.append_column("kept", pa.array(kept)).append_column("reason", pa.array(reason))
     index = index.append_column(
         "png",
