@@ -628,19 +628,24 @@ def command_log(command: Command, args: argparse.Namespace, argv: list[str], cfg
     header = [_shown_argv(argv), f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
     if cfg is not None:
         header.append(f"config {json.dumps(cfg.to_dict())}")
-    print(f"histodiff: full log in {dest.uri}", file=sys.stderr)
     if not dest.is_s3:
+        print(f"histodiff: full log in {dest.uri}", file=sys.stderr)
         with log_to_file(dest.path, header):
             yield
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, name)
+    # Written locally as it goes (a killed command's log survives there), uploaded at the end.
+    local = os.path.join(tempfile.gettempdir(), "histodiff-logs", name)
+    print(f"histodiff: full log in {dest.uri} (until the command ends: {local})", file=sys.stderr)
+    try:
+        with log_to_file(local, header):
+            yield
+    finally:
         try:
-            with log_to_file(local, header):
-                yield
-        finally:
             with open(local, "rb") as f:
                 write_atomic(dest, f.read())
+            os.remove(local)
+        except (HistodiffError, OSError) as exc:  # the command's own outcome stands
+            print(f"histodiff: the full log stays at {local}: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,17 @@ def _integral(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+def _text(value: Any) -> Any:
+    # A YAML scalar is text where the field wants text (region: 1, profile: 2024).
+    return str(value) if isinstance(value, (int, float)) else value
+
+
 def _list_from_text(value: Any) -> Any:
     # An override's "1,2,4" or "[1, 2, 4]" is a list.
     if isinstance(value, str):
@@ -60,15 +71,19 @@ def _list_from_text(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_integral)]
+Number = Annotated[float, BeforeValidator(_number)]
+Text = Annotated[str, BeforeValidator(_text)]
 Count = Annotated[Int, Field(ge=1)]
 NonNegativeInt = Annotated[Int, Field(ge=0)]
-Positive = Annotated[float, Field(gt=0)]
-NonNegative = Annotated[float, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0, lt=1)]
+Positive = Annotated[Number, Field(gt=0)]
+NonNegative = Annotated[Number, Field(ge=0)]
+Fraction = Annotated[Number, Field(ge=0, lt=1)]
+Probability = Annotated[Number, Field(ge=0, le=1)]
+Share = Annotated[Number, Field(gt=0, le=1)]  # of something that must not be empty
 OptionalCount = Count | None  # None: the value named in the field's comment
 IntList = Annotated[list[Int], BeforeValidator(_list_from_text)]
 Multipliers = Annotated[list[Count], BeforeValidator(_list_from_text), MinLen(1)]
-FloatList = Annotated[list[float], BeforeValidator(_list_from_text)]
+FloatList = Annotated[list[Number], BeforeValidator(_list_from_text)]
 Arm = Literal["real", "real+aug", "pseudo-label"]
 SyntheticUse = Literal["mix", "first"]
 
@@ -79,7 +94,7 @@ section = dataclass(config=ConfigDict(extra="forbid"))
 @section
 class RayConfig:
     # None: RAY_ADDRESS if set (`ray job submit` sets it), else a new local cluster; "auto" joins `ray start`
-    address: str | None = None
+    address: Text | None = None
     num_workers: Count = 2  # Ray Train workers
     cpus_per_worker: Positive = 0.5  # fractional: whole-CPU workers starve Ray Data on small hosts
     use_gpu: bool = False
@@ -91,11 +106,11 @@ class RayConfig:
 @section
 class StorageConfig:
     # S3 endpoint, e.g. http://127.0.0.1:8333. None: AWS_ENDPOINT_URL(_S3) or AWS itself.
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
+    endpoint_url: Text | None = None
+    region: Text = "us-east-1"
     # Credentials; None falls back to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Never printed.
-    access_key_id: str | None = Field(default=None, repr=False)
-    secret_access_key: str | None = Field(default=None, repr=False)
+    access_key_id: Text | None = Field(default=None, repr=False)
+    secret_access_key: Text | None = Field(default=None, repr=False)
     retries: Count = 5  # attempts on transient S3 errors (throttling, 5xx, resets), with backoff
     connect_timeout_s: Positive = 5.0
 
@@ -104,11 +119,11 @@ class StorageConfig:
 class DataConfig:
     tile_size: Annotated[Int, Field(ge=8, multiple_of=8)] = 64  # pixels per side of every stored tile
     microns_per_pixel: Positive = 1.75  # the profile's resolution; sources with a known µm/px are resampled to it
-    split_seed: int = 0
+    split_seed: Int = 0
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
-    label_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0  # share of each class's train tiles that keep their label
-    tissue_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5  # region tiles need at least this share of tissue pixels
+    label_fraction: Share = 1.0  # share of each class's train tiles that keep their label
+    tissue_fraction: Probability = 0.5  # region tiles need at least this share of tissue pixels
     max_image_pixels: Count = 50_000_000  # larger images are rejected as decompression bombs
     tiles_per_shard: Count = 4096
     files_per_chunk: Count = 4096  # ingest commits shards + manifest after each chunk of source files
@@ -180,8 +195,8 @@ class DiffusionConfig:
     # diffusers' "linear" is a true linspace (ᾱ_T 1.9e-4 instead of 6.7e-4). Names follow diffusers,
     # so the exported scheduler folder means the same thing.
     beta_schedule: Literal["linear", "scaled_linear"] = "scaled_linear"
-    beta_start: Annotated[float, Field(gt=0, lt=1)] = 0.0015
-    beta_end: Annotated[float, Field(gt=0, lt=1)] = 0.0155
+    beta_start: Annotated[Number, Field(gt=0, lt=1)] = 0.0015
+    beta_end: Annotated[Number, Field(gt=0, lt=1)] = 0.0155
     prediction_type: Literal["epsilon"] = "epsilon"
     loss: Literal["l1", "l2"] = "l1"
     # Min-SNR-γ loss weighting (Hang et al. 2023): min(SNR_t, γ) / SNR_t per sample; 0 turns it off.
@@ -246,7 +261,7 @@ class GuidanceConfig:
 
     kind: Literal["classifier", "classifier_free"] = "classifier"
     label_dropout: Fraction = 0.1
-    pseudo_label_threshold: Annotated[float, Field(gt=0, le=1)] = 0.95
+    pseudo_label_threshold: Share = 0.95
 
 
 @section
@@ -254,7 +269,7 @@ class SamplingConfig:
     # DPM-Solver++(2M) is deterministic (eta unused): ~20 steps match 50 of DDIM.
     sampler: Literal["ddim", "dpmsolver++"] = "ddim"
     ddim_steps: Annotated[Int, Field(ge=1, le=1000)] = 50  # the sampler's step count
-    eta: Annotated[float, Field(ge=0, le=1)] = 1.0
+    eta: Probability = 1.0
     # s = 3 kept s = 10's oracle agreement at twice its precision and a lower FID (docs/fidelity.md)
     guidance_scale: NonNegative = 3.0  # classifier guidance: s in ε − s·√(1 − ᾱ)·∇ log p(y | z_t)
     cfg_scale: NonNegative = 2.0  # classifier-free guidance: w in ε_∅ + w·(ε_y − ε_∅); 1 = the plain conditional model
@@ -262,7 +277,7 @@ class SamplingConfig:
 
 @section
 class SelectionConfig:
-    confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.9
+    confidence_threshold: Probability = 0.9
     max_per_class: Count = 500
     # Memorization audit: drop synthetic tiles closer than this to a real train tile (RMS grey levels
     # of 16×16 thumbnails, any rotation/flip). 4.0 is ingest's near-copy threshold: crc5's re-encoded
@@ -288,7 +303,7 @@ class DownstreamConfig:
     real labeled tiles, the same for every arm of an evaluation; the epoch is chosen on val
     macro-F1 among those scored (early stopping)."""
 
-    arch: str = "resnet18"  # a timm model name
+    arch: Text = "resnet18"  # a timm model name
     epochs: Count = 40
     # Val scored at epochs 5, 10, ..., 40 (and after the last): a run trains in 2.3 min on 2 cores, not 3.4.
     val_every: Count = 5
@@ -315,9 +330,7 @@ class EvaluateConfig:
     seeds: Count = 3  # downstream trainings per arm
     # Nested fractions of the train labels to evaluate at (the label-efficiency curve), each at most the
     # tile set's own data.label_fraction; empty: the tile set's labeled tiles only.
-    label_fractions: Annotated[list[Annotated[float, Field(gt=0, le=1)]], BeforeValidator(_list_from_text)] = Field(
-        default_factory=list
-    )
+    label_fractions: Annotated[list[Share], BeforeValidator(_list_from_text)] = Field(default_factory=list)
     # Besides the synthetic ones (histodiff_ray/evaluate.py explains each arm).
     arms: Annotated[list[Arm], BeforeValidator(_list_from_text)] = Field(default_factory=lambda: list(BASE_ARMS))
     # Per --synthetic set: mixed into real+aug, or trained on first, then real.
@@ -326,7 +339,7 @@ class EvaluateConfig:
     )
     synthetic_ratio: Positive = 1.0  # synthetic tiles per real labeled tile, per class
     # The pseudo-label arm keeps unlabeled tiles its teacher is this sure of.
-    pseudo_label_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    pseudo_label_threshold: Annotated[Number, Field(gt=0, lt=1)] = 0.95
     cpus_per_run: Positive = 1.0  # each (arm, seed) is a Ray task with one torch thread
     gpus_per_run: NonNegative = 0.0  # and this many GPUs (a fraction shares one); it trains on the GPU when given one
 
@@ -357,8 +370,8 @@ class SweepConfig:
 
 @section
 class Config:
-    profile: str = "cpu"
-    seed: int = 0
+    profile: Text = "cpu"
+    seed: Int = 0
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -518,11 +531,19 @@ def _allowed(annotation: Any, metadata: list | tuple = (), plural: bool = False)
     return f"{noun} {bound[2]} {bound[0]}" if bound else noun
 
 
-def _yaml_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+def _as_given(raw: Any, info: FieldInfo) -> str:
+    """A value for an error message: a number as typed (0, not '0'), a list as read, never a secret."""
+    if info.repr is False:
+        return "***"
+    if isinstance(raw, str):
+        if typing.get_origin(info.annotation) is list:
+            return repr(_list_from_text(raw))
+        try:
+            float(raw)
+            return raw
+        except ValueError:
+            pass
+    return repr(raw)
 
 
 def _config_error(exc: ValidationError, values: dict) -> ConfigError:
@@ -540,11 +561,8 @@ def _config_error(exc: ValidationError, values: dict) -> ConfigError:
         raw = raw.get(part, error["input"]) if isinstance(raw, dict) else error["input"]
         info = fields[part]
         if not dataclasses.is_dataclass(info.annotation):
-            if isinstance(raw, str):  # an override's text, shown as the value it reads as: 0, not '0'
-                raw = _list_from_text(raw) if typing.get_origin(info.annotation) is list else _yaml_scalar(raw)
-            return ConfigError(
-                f"config: {key}={raw!r} is not allowed; expected {_allowed(info.annotation, info.metadata)}"
-            )
+            allowed = _allowed(info.annotation, info.metadata)
+            return ConfigError(f"config: {key}={_as_given(raw, info)} is not allowed; expected {allowed}")
         if not isinstance(raw, (dict, info.annotation)):
             return ConfigError(f"config: {key}={raw!r} is not allowed; expected a mapping of {key}.* keys")
         cls = info.annotation

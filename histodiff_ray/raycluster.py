@@ -52,8 +52,16 @@ def init_ray(cfg: Config) -> None:
     quiet = not verbose()
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
     logging.getLogger("ray.data").setLevel(ray_log_level())
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _start_or_join(cfg, quiet)
+    route_library_logs()  # Ray's loggers are set now: the command's log file keeps their records
+    note_in_log(
+        f"Ray cluster {ray.get_runtime_context().gcs_address}: each node keeps its processes' logs "
+        "(workers' stdout and stderr, Ray Data's ray-data.log) in /tmp/ray/session_latest/logs"
+    )
+
+
+def _start_or_join(cfg: Config, quiet: bool) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
     # Ray Data's bars and logs come from whichever task or actor runs a dataset (Train's split
     # coordinator among them); Train's print patch would send each of our progress lines twice.
@@ -75,9 +83,4 @@ def init_ray(cfg: Config) -> None:
             # Workers on other machines (`ray start`, KubeRay) see the verbosity only through the job.
             "env_vars": env if quiet else {VERBOSE_ENV: "1"},
         },
-    )
-    route_library_logs()  # ray.init has just set Ray's loggers: the command's log file keeps their records
-    note_in_log(
-        f"Ray cluster {ray.get_runtime_context().gcs_address}: each node keeps its processes' logs "
-        "(workers' stdout and stderr, Ray Data's ray-data.log) in /tmp/ray/session_latest/logs"
     )

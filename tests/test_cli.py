@@ -2,7 +2,9 @@
 
 import logging
 import sys
+from pathlib import Path
 
+import pytest
 from tqdm import tqdm
 
 from histodiff_ray.cli import COMMANDS, main
@@ -15,6 +17,7 @@ from tests.data.test_ingest import make_labeled_input
 def test_the_log_file_holds_the_console_and_what_quiet_mode_keeps_off_it(tmp_path, capsys):
     path = tmp_path / "logs" / "x.log"
     levels = {name: logging.getLogger(name).level for name in ("", "ray", "ray.data", "some.library")}
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # as init_ray leaves it in quiet mode
     with log_to_file(str(path), ["histodiff x --flag"]):
         print("[stage] a line for the console")
         logging.getLogger("ray.data").info("an INFO record of Ray's")
@@ -31,9 +34,26 @@ def test_the_log_file_holds_the_console_and_what_quiet_mode_keeps_off_it(tmp_pat
     assert "\r" not in text and text.count("stage: 100%") == 1
     # Afterwards the console and the loggers are as they were.
     assert type(sys.stdout).__name__ != "_Tee" and type(sys.stderr).__name__ != "_Tee"
+    assert logging.getLogger("ray.data").level == logging.ERROR
+    logging.getLogger("ray.data").setLevel(levels["ray.data"])
     assert {name: logging.getLogger(name).level for name in levels} == levels
     logging.getLogger("some.library").warning("after the block")
     assert "after the block" not in path.read_text()
+
+
+def test_the_log_file_keeps_an_exception_and_lets_go_of_handlers_made_inside(tmp_path, capsys):
+    path = tmp_path / "x.log"
+    made_inside = logging.StreamHandler()  # as ray.init makes its console handlers: on sys.stderr, the tee
+    with pytest.raises(RuntimeError), log_to_file(str(path), []):
+        logging.getLogger("made.inside").addHandler(made_inside)
+        sys.stderr.write("a bar cut short")
+        raise RuntimeError("a bug, not a HistodiffError")
+    text = path.read_text()
+    assert "a bar cut short" in text and "RuntimeError: a bug, not a HistodiffError" in text
+    assert made_inside.stream is sys.stderr
+    logging.getLogger("made.inside").error("after the block")
+    logging.getLogger("made.inside").removeHandler(made_inside)
+    assert "after the block" in capsys.readouterr().err and "after the block" not in path.read_text()
 
 
 def test_every_command_that_writes_a_folder_names_it_for_its_log():
@@ -64,3 +84,14 @@ def test_a_command_logs_into_its_output_folder_on_s3_with_credentials_masked(
     assert main(["ingest", "--input", str(tmp_path / "nothing"), "--labeled", "--output", output, *s3_overrides]) == 2
     second = {n for n in list_files(folder) if n.startswith("logs/")} - set(logs)
     assert len(second) == 1 and "histodiff: error:" in read_bytes(folder.join(second.pop())).decode()
+
+
+def test_a_log_that_cannot_be_uploaded_stays_local_and_the_exit_code_stands(tmp_path, s3, s3_overrides, capsys):
+    wrong_secret = [o for o in s3_overrides if "secret" not in o] + ["storage.secret_access_key=wrong"]
+    args = ["ingest", "--input", str(tmp_path / "nothing"), "--labeled", "--output", "s3://any/tiles"]
+    assert main([*args, *wrong_secret]) == 2
+    err = capsys.readouterr().err
+    assert "histodiff: error:" in err and "the full log stays at" in err
+    local = Path(err.split("the full log stays at ")[1].split(".log:")[0] + ".log")
+    assert "histodiff: error:" in local.read_text()
+    local.unlink()

@@ -127,6 +127,16 @@ def test_yaml_file_with_an_unknown_key_or_a_bad_value_fails(tmp_path):
     path.write_text("diffusion:\n  loss: huber\n")
     with pytest.raises(ConfigError, match=r"diffusion.loss='huber' is not allowed; expected 'l1' or 'l2'"):
         load_config(str(path))
+    path.write_text("ray:\n  cpus_per_worker: true\n")  # a boolean is not a number
+    with pytest.raises(ConfigError, match=r"ray.cpus_per_worker=True is not allowed; expected a number > 0"):
+        load_config(str(path))
+    path.write_text("storage:\n  secret_access_key: [not, text]\n")  # an error never shows a secret
+    with pytest.raises(ConfigError, match=r"storage.secret_access_key=\*\*\* is not allowed") as err:
+        load_config(str(path))
+    assert "not" not in str(err.value).split("expected")[0].replace("is not allowed", "")
+    path.write_text("profile: 2024\nseed: 1.0e+3\nstorage:\n  region: 1\n")  # YAML scalars where text is wanted
+    cfg = load_config(str(path))
+    assert (cfg.profile, cfg.seed, cfg.storage.region) == ("2024", 1000, "1")
 
 
 def test_unknown_profile_lists_the_known_ones():
