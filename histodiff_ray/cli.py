@@ -616,9 +616,10 @@ def _shown_argv(argv: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def command_log(command: Command, args: argparse.Namespace, argv: list[str], cfg: Config | None):
+def command_log(command: Command, args: argparse.Namespace, argv: list[str], cfg: Config | None, outcome: dict):
     """The command's full log (see console.log_to_file) in FOLDER/logs/COMMAND-TIME-ID.log of the folder it
-    writes to; on S3 it is written locally and uploaded when the command ends, however it ends."""
+    writes to. On S3 it is written to TMPDIR/histodiff-logs/ as the command runs and uploaded when it
+    ends, however it ends; a log that cannot be uploaded stays there."""
     folder = getattr(args, command.log_to) if command.log_to else None
     if folder is None:
         yield
@@ -629,13 +630,11 @@ def command_log(command: Command, args: argparse.Namespace, argv: list[str], cfg
     if cfg is not None:
         header.append(f"config {json.dumps(cfg.to_dict())}")
     if not dest.is_s3:
-        print(f"histodiff: full log in {dest.uri}", file=sys.stderr)
         with log_to_file(dest.path, header):
             yield
         return
     # Written locally as it goes (a killed command's log survives there), uploaded at the end.
     local = os.path.join(tempfile.gettempdir(), "histodiff-logs", name)
-    print(f"histodiff: full log in {dest.uri} (until the command ends: {local})", file=sys.stderr)
     try:
         with log_to_file(local, header):
             yield
@@ -644,8 +643,10 @@ def command_log(command: Command, args: argparse.Namespace, argv: list[str], cfg
             with open(local, "rb") as f:
                 write_atomic(dest, f.read())
             os.remove(local)
-        except (HistodiffError, OSError) as exc:  # the command's own outcome stands
-            print(f"histodiff: the full log stays at {local}: {exc}", file=sys.stderr)
+        except (HistodiffError, OSError) as exc:
+            # A command that failed has said why in one line (usually this same storage problem).
+            if outcome.get("succeeded"):
+                print(f"histodiff: the full log stays at {local}: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -656,11 +657,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[VERBOSE_ENV] = "1"
     if not verbose():  # before the stage's module imports diffusers, which reads it once
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    outcome = {"succeeded": False}
     with contextlib.ExitStack() as log:
         try:
             cfg = load_config(args.config, args.overrides) if command.loads_config else None
             module = importlib.import_module(command.module)
-            log.enter_context(command_log(command, args, argv, cfg))
+            log.enter_context(command_log(command, args, argv, cfg, outcome))
             text = command.call(module, cfg, args)
         except HistodiffError as exc:
             print(f"histodiff: error: {exc}", file=sys.stderr)
@@ -670,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         if text:
             print(text)
+        outcome["succeeded"] = True
         return 0
 
 
