@@ -135,7 +135,9 @@ class DataConfig:
 class AutoencoderConfig:
     """diffusers AutoencoderKL; len(channels) - 1 downsamplings give the factor f."""
 
-    latent_channels: Count = 4
+    # 8 channels, not 4: the same generated set reaches twice the k-NN precision and recall on the oracle's
+    # features (0.10 -> 0.24, 0.18 -> 0.36) and class S is kept at all (7 -> 34 of 300; docs/fidelity.md).
+    latent_channels: Count = 8
     block_out_channels: Multipliers = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: Count = 1
     # GroupNorm groups in every block. 32 groups on a 32-channel first stage normalise each channel

@@ -109,7 +109,11 @@ def tiny_latents(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
         open_location(f"s3://{bucket}/runs/ae", cfg.storage).join("reconstructions.png")
     )  # real | reconstruction
     manifest = encode_latents(cfg, f"s3://{bucket}/tiles", f"s3://{bucket}/runs/ae/model/vae", f"s3://{bucket}/latents")
-    assert manifest["rows"] == 48 and manifest["latent_shape"] == [4, 16, 16] and manifest["scale_factor"] > 0
+    assert (
+        manifest["rows"] == 48
+        and manifest["latent_shape"] == [cfg.autoencoder.latent_channels, 16, 16]
+        and manifest["scale_factor"] > 0
+    )
     return overrides, bucket
 
 

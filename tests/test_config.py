@@ -4,11 +4,11 @@ import yaml
 from histodiff_ray.config import PROFILE_DIR, Config, ConfigError, load_config
 
 
-def test_cpu_profile_maps_64px_tiles_to_16x16x4_latents():
+def test_cpu_profile_maps_64px_tiles_to_16x16x8_latents():
     cfg = load_config("cpu")
     assert cfg.data.tile_size == 64
     assert cfg.data.tile_size // cfg.autoencoder.downsample_factor == 16
-    assert cfg.autoencoder.latent_channels == 4
+    assert cfg.autoencoder.latent_channels == 8
     assert 0 < cfg.ray.cpus_per_worker < 1
 
 

@@ -49,7 +49,10 @@ def test_classifier_reports_val_accuracy_per_noise_bucket_and_loads_from_its_fol
     with tempfile.TemporaryDirectory() as tmp:
         local = download_dir(open_location(f"{root}/classifier/model/classifier", cfg.storage), tmp)
         model = load_classifier(local)
-        assert model(torch.zeros(3, 4, 16, 16), torch.tensor([0, 500, 999])).shape == (3, 2)
+        assert model(torch.zeros(3, cfg.autoencoder.latent_channels, 16, 16), torch.tensor([0, 500, 999])).shape == (
+            3,
+            2,
+        )
     assert judge["classes"] == ["AC", "H"] and 0 <= judge["val_macro_f1"] <= 1
 
 

@@ -41,12 +41,12 @@ def test_soft_labels_give_labeled_tiles_one_hot_targets_and_unlabeled_ones_the_j
 
 
 def test_the_latent_shape_is_the_autoencoders_not_the_configs(tiny_latents):
-    # Encoding with a config that describes another autoencoder (here 8 latent channels, the tiny
-    # autoencoder has 4) used to record the config's shape, and every stage after it then read the
-    # latents with the wrong number of channels.
+    # Encoding with a config that describes another autoencoder (here 3 latent channels, the tiny
+    # autoencoder has the cpu profile's 8) used to record the config's shape, and every stage after it
+    # then read the latents with the wrong number of channels.
     overrides, bucket = tiny_latents
-    cfg = load_config("cpu", overrides + ["autoencoder.latent_channels=8"])
+    cfg = load_config("cpu", overrides + ["autoencoder.latent_channels=3"])
     manifest = encode_latents(
         cfg, f"s3://{bucket}/tiles", f"s3://{bucket}/runs/ae/model/vae", f"s3://{bucket}/latents-shape"
     )
-    assert manifest["latent_shape"] == [4, 16, 16]
+    assert manifest["latent_shape"] == [load_config("cpu").autoencoder.latent_channels, 16, 16]

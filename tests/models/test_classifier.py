@@ -9,7 +9,7 @@ from histodiff_ray.models.classifier import NoiseAwareClassifier, build_classifi
 
 CPU = load_config("cpu")
 LATENT_SIZE = CPU.data.tile_size // CPU.autoencoder.downsample_factor  # 16
-LATENT_CHANNELS = CPU.autoencoder.latent_channels  # 4
+LATENT_CHANNELS = CPU.autoencoder.latent_channels  # 8
 
 
 # Fixed sizes, so the expected shapes below do not follow edits of the cpu profile.
@@ -37,7 +37,7 @@ def inputs(n=8, seed=0):
 @pytest.mark.parametrize("pool", ["attention", "mean"])
 def test_cpu_profile_shapes_and_forward_is_head_of_features(pool):
     model = cpu_classifier(pool)
-    assert (LATENT_SIZE, LATENT_CHANNELS) == (16, 4)
+    assert (LATENT_SIZE, LATENT_CHANNELS) == (16, 8)
     z, t = inputs()
     with torch.no_grad():
         logits, feats = model(z, t), model.features(z, t)

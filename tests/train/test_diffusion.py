@@ -95,7 +95,11 @@ def test_killed_worker_restarts_from_the_latest_checkpoint_then_reruns_resume_an
         unet = UNet2DModel.from_pretrained(f"{local}/unet")
         vae = AutoencoderKL.from_pretrained(f"{local}/vae")
         scheduler = DDPMScheduler.from_pretrained(f"{local}/scheduler")
-        assert unet.config.sample_size == 16 and vae.config.latent_channels == 4 and scheduler.config.beta_end == 0.0155
+        assert (
+            unet.config.sample_size == 16
+            and vae.config.latent_channels == cfg.autoencoder.latent_channels
+            and scheduler.config.beta_end == 0.0155
+        )
 
     # Launching again under the same run continues from its latest checkpoint.
     cfg.diffusion.max_steps = 12
