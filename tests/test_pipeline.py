@@ -33,9 +33,13 @@ def test_stage_and_plan_hashes_are_the_ones_results_were_cached_under():
     from histodiff_ray.generate import make_plan
     from histodiff_ray.pipeline import stage_hash
 
-    cfg = load_config(
-        "cpu", ["diffusion.max_steps=2000", "diffusion.finetune_steps=600", "autoencoder.gan_steps=0"]
-    )  # 792a729's cpu profile
+    old_profile = [  # 792a729's cpu profile
+        "diffusion.max_steps=2000",
+        "diffusion.finetune_steps=600",
+        "autoencoder.gan_steps=0",
+        "autoencoder.latent_channels=4",
+    ]
+    cfg = load_config("cpu", old_profile)
     assert [stage_hash(cfg, s) for s in ("autoencoder", "pretrain", "classifier", "generate", "evaluate")] == [
         "914e331e87",
         "16b9498d02",
@@ -50,7 +54,7 @@ def test_stage_and_plan_hashes_are_the_ones_results_were_cached_under():
         and make_plan(changed, ["A", "B"], 4, {})["hash"] != "bb13ac633eeb9cfe"
     )
     # The adversarial decoder phase's settings count only when it is on.
-    off = load_config("cpu", ["autoencoder.gan_steps=0", "autoencoder.gan_lr=1e-3"])
+    off = load_config("cpu", ["autoencoder.gan_steps=0", "autoencoder.gan_lr=1e-3", "autoencoder.latent_channels=4"])
     assert stage_hash(off, "autoencoder") == "914e331e87" != stage_hash(load_config("cpu"), "autoencoder")
 
 
