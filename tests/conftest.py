@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Ray Train's controller polls its workers every 2 s and waits a poll at each state change, so a
+# 2-step tiny run spends seconds idle; polling at 0.25 s made tests/train/test_autoencoder.py 12 %
+# faster (199 -> 175 s). Propagated to the `ray start` cluster's drivers through their environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HISTODIFF_SHARED_DATA", REPO.parent / "shared" / "data"))

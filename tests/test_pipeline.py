@@ -18,6 +18,10 @@ FAST = [
     "ray.num_workers=1",
     "evaluate.seeds=1",
     "evaluate.cpus_per_run=0.5",
+    # Two downstream runs, not five: the pipeline's part is to hand the evaluation its inputs (every arm
+    # is tested in tests/test_evaluate.py).
+    "evaluate.arms=real+aug",
+    "evaluate.synthetic_uses=mix",
     "generate.per_class=4",
     "sampling.ddim_steps=4",
     "diffusion.finetune_steps=2",
