@@ -130,8 +130,10 @@ def route_library_logs() -> None:
 
 
 def note_in_log(text: str) -> None:
-    """A line for the open log file only (not the console)."""
-    if _log_file is not None:
+    """A line for the open log file only (not the console), once per file (a pipeline's stages
+    each connect to Ray, and the log needs the cluster's address once)."""
+    if _log_file is not None and text not in _log_file.notes:
+        _log_file.notes.add(text)
         _log_file.stream.write(f"# {text}\n")
 
 
@@ -150,6 +152,7 @@ def log_to_file(path: str, header: list[str]):
         _log_file.setFormatter(logging.Formatter(LOG_FORMAT))
         _log_file.setLevel(logging.INFO)
         _log_file.addFilter(lambda record: not _shown_on_console(record))
+        _log_file.notes = set()
         streams = sys.stdout, sys.stderr
         tees = _Tee(sys.stdout, file), _Tee(sys.stderr, file)
         sys.stdout, sys.stderr = tees

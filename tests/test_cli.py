@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from histodiff_ray.cli import COMMANDS, main
 from histodiff_ray.config import load_config
-from histodiff_ray.console import log_to_file
+from histodiff_ray.console import log_to_file, note_in_log
 from histodiff_ray.storage import list_files, open_location, read_bytes
 from tests.data.test_ingest import make_labeled_input
 
@@ -25,6 +25,8 @@ def test_the_log_file_holds_the_console_and_what_quiet_mode_keeps_off_it(tmp_pat
         logging.getLogger("some.library").info("an INFO record of another library")
         for _ in tqdm(range(3), desc="stage", file=sys.stderr, mininterval=0):
             pass
+        for _ in range(2):  # as each stage of a pipeline connects to Ray
+            note_in_log("Ray cluster 127.0.0.1:6379")
     console = capsys.readouterr()
     text = path.read_text()
     assert text.startswith("# histodiff x --flag\n")
@@ -33,6 +35,7 @@ def test_the_log_file_holds_the_console_and_what_quiet_mode_keeps_off_it(tmp_pat
         assert record in text and record not in console.out + console.err
     # The bar's redraws stay on the console; the file keeps its last state, once.
     assert "\r" not in text and text.count("stage: 100%") == 1
+    assert text.count("# Ray cluster 127.0.0.1:6379\n") == 1 and "Ray cluster" not in console.out + console.err
     # Afterwards the console and the loggers are as they were.
     assert type(sys.stdout).__name__ != "_Tee" and type(sys.stderr).__name__ != "_Tee"
     assert logging.getLogger("ray.data").level == logging.ERROR
