@@ -53,6 +53,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Loggers whose records quiet mode keeps off the console but a log file keeps, down to INFO: the
 # root (other libraries) and Ray's own, which do not pass their records on to the root.
 LIBRARY_LOGGERS = ("", "ray", "ray.data")
+# Lines Ray's workers send to the driver that alarm a user and ask nothing of them; quiet, they go to
+# the log file only. Ray Train's controller logs this error for its own PreemptionWatcher actor at
+# every training stage (ray-project/ray#53727).
+RAY_NOISE = ("has constructor arguments in the object store and max_restarts > 0",)
 _log_file: logging.Handler | None = None
 _levels: dict = {}  # loggers and handlers whose level route_library_logs changed, and their level before
 
@@ -65,9 +69,14 @@ class _Tee:
     def __init__(self, console, file):
         self.console, self.file, self.pending = console, file, ""
         self.lock = threading.Lock()
+        self.hiding = False  # a RAY_NOISE line is being written: its newline stays off the console too
 
     def write(self, text: str) -> int:
-        self.console.write(text)
+        if not verbose() and any(noise in text for noise in RAY_NOISE):
+            self.hiding = True
+        elif not (self.hiding and text == "\n"):
+            self.hiding = False
+            self.console.write(text)
         with self.lock:
             self.pending += text
             *lines, self.pending = self.pending.split("\n")

@@ -25,6 +25,12 @@ def test_the_log_file_holds_the_console_and_what_quiet_mode_keeps_off_it(tmp_pat
         logging.getLogger("some.library").info("an INFO record of another library")
         for _ in tqdm(range(3), desc="stage", file=sys.stderr, mininterval=0):
             pass
+        # As Ray forwards a worker's line: print writes the text, then its newline.
+        print(
+            "[E core_worker.cc] Actor 'PreemptionWatcher' has constructor arguments in the object store and "
+            "max_restarts > 0.",
+            file=sys.stderr,
+        )
         for _ in range(2):  # as each stage of a pipeline connects to Ray
             note_in_log("Ray cluster 127.0.0.1:6379")
     console = capsys.readouterr()
@@ -36,6 +42,8 @@ def test_the_log_file_holds_the_console_and_what_quiet_mode_keeps_off_it(tmp_pat
     # The bar's redraws stay on the console; the file keeps its last state, once.
     assert "\r" not in text and text.count("stage: 100%") == 1
     assert text.count("# Ray cluster 127.0.0.1:6379\n") == 1 and "Ray cluster" not in console.out + console.err
+    # Ray's noise about its own actors is in the file only, its newline too.
+    assert "PreemptionWatcher" in text and "PreemptionWatcher" not in console.err and "\n\n" not in console.err
     # Afterwards the console and the loggers are as they were.
     assert type(sys.stdout).__name__ != "_Tee" and type(sys.stderr).__name__ != "_Tee"
     assert logging.getLogger("ray.data").level == logging.ERROR
