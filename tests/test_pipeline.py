@@ -63,8 +63,8 @@ def test_stage_and_plan_hashes_are_the_ones_results_were_cached_under():
 
 
 def test_an_evaluate_setting_changes_the_evaluation_stage_hash_only():
-    # With its parents' hashes unchanged, a stage whose hash is unchanged is skipped (the rerun above
-    # shows the skipping), so a changed evaluate setting reruns the evaluation and nothing upstream.
+    # With its parents' hashes unchanged, a stage whose hash is unchanged is skipped (the kill-and-resume test
+    # below shows the skipping), so a changed evaluate setting reruns the evaluation and nothing upstream.
     from histodiff_ray.config import load_config
     from histodiff_ray.pipeline import STAGE_KEYS, stage_hash
 
