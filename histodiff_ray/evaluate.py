@@ -349,8 +349,9 @@ def synthetic_fraction(
     if ids is not None and ids != set(train_ids[subsets[match[0]]].tolist()):
         raise HistodiffError(
             f"--synthetic {name}={uri}: the labeled train tiles of {source}, which its generator used, are not "
-            f"this tile set's at fraction {fraction}; generate from tiles ingested from the same inputs with the same "
-            f"data.split_seed, val_fraction and test_fraction"
+            f"the ones this tile set keeps at fraction {fraction} (ingest picks labels batch by batch as files "
+            f"arrive, so an ingest at {fraction} and a larger set's subset at {fraction} can differ by a few "
+            f"tiles); evaluate it with --tiles {source}, whose labels its generator used"
         )
     return match[0]
 
