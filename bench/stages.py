@@ -1,7 +1,7 @@
 """Every stage against a plain torch loop on the same model, batch and threads, and against its FLOP
 bound (issue 14):
 
-    RAY_AUTH_MODE=disabled .venv/bin/python bench/stages.py --json /tmp/bench-stages.json   # ~15 min; run it alone
+    RAY_AUTH_MODE=disabled .venv/bin/python bench/stages.py --json /tmp/bench-stages.json   # ~19 min; run it alone
 
 On real crc5 tiles (the first ``--per-class`` of each class in ../shared/data/crc5/train, ingested
 into a temporary tile set at 20 % labels), with the cpu profile's models and batches, each stage
@@ -26,6 +26,7 @@ before: autoencoder → encode-latents → pretrain → guide → judge → gene
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -51,11 +52,12 @@ from histodiff_ray.data.latents import encode_latents, load_latent_manifest  # n
 from histodiff_ray.data.tiles import decode_images, load_tile_table  # noqa: E402
 from histodiff_ray.diffusion.guidance import classifier_cond_fn  # noqa: E402
 from histodiff_ray.diffusion.schedule import NoiseSchedule  # noqa: E402
-from histodiff_ray.downstream import build_tile_classifier, predict, step_budget, to_tensor  # noqa: E402
+from histodiff_ray.downstream import build_tile_classifier, predict, step_budget  # noqa: E402
 from histodiff_ray.evaluate import _train_and_test  # noqa: E402
 from histodiff_ray.generate import generate  # noqa: E402
 from histodiff_ray.judge import load_judge, train_judge  # noqa: E402
 from histodiff_ray.ldm import LatentDiffusion  # noqa: E402
+from histodiff_ray.models import to_tensor  # noqa: E402
 from histodiff_ray.models.autoencoder import autoencoder_loss, build_autoencoder, load_autoencoder  # noqa: E402
 from histodiff_ray.models.classifier import build_classifier, load_classifier  # noqa: E402
 from histodiff_ray.models.unet import build_unet  # noqa: E402
@@ -111,10 +113,8 @@ def train_step(model_loss, params) -> callable:
 
 def window_rate(run: str, workers: int) -> float:
     """The median logged samples/s over the windows after the first, times the workers."""
-    with open(os.path.join(run, "metrics.csv")) as f:
-        header, *rows = [line.rstrip("\n").split(",") for line in f]
-    col = header.index("samples_per_s")
-    rates = [float(r[col]) for r in rows if r[col]]
+    with open(os.path.join(run, "metrics.csv"), newline="") as f:
+        rates = [float(row["samples_per_s"]) for row in csv.DictReader(f) if row["samples_per_s"]]
     return statistics.median(rates[1:] if len(rates) > 1 else rates) * workers
 
 
@@ -242,7 +242,7 @@ def main() -> None:
         d = cfg.diffusion
         batch = (d.batch_size or cfg.data.batch_size) * workers
         ldm_run = str(root / "runs" / "pretrain")
-        _, seconds = wall(lambda: pretrain(cfg, [(latents, 1.0)], ldm_run))
+        pretrain(cfg, [(latents, 1.0)], ldm_run)
         shape = load_latent_manifest(open_location(latents, cfg.storage))["latent_shape"]
         c, side, _ = shape
         unet = build_unet(cfg.unet, side, c, d.num_train_timesteps)
@@ -261,7 +261,7 @@ def main() -> None:
         g = cfg.classifier
         batch = (g.batch_size or cfg.data.batch_size) * workers
         guide_run = str(root / "runs" / "guide")
-        _, seconds = wall(lambda: train_classifier(cfg, latents, ldm_run, guide_run))
+        train_classifier(cfg, latents, ldm_run, guide_run)
         k = len(manifest["classes"])
         guide = build_classifier(g, c, side, k, unet=cfg.unet)
         y = torch.randint(0, k, (batch,))

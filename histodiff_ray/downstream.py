@@ -27,7 +27,7 @@ from timm.models import get_pretrained_cfg
 from histodiff_ray.augment import dihedral, random_dihedral, random_stain_jitter
 from histodiff_ray.config import DownstreamConfig
 from histodiff_ray.metrics import macro_f1  # noqa: F401  (sklearn macro-F1, zero_division=0; re-exported)
-from histodiff_ray.models import default_device
+from histodiff_ray.models import default_device, to_tensor
 
 
 def build_tile_classifier(arch: str, num_classes: int, tile_size: int | None) -> torch.nn.Module:
@@ -39,14 +39,6 @@ def build_tile_classifier(arch: str, num_classes: int, tile_size: int | None) ->
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **fixed_size)
     # Channels-last, as to_tensor's NHWC views already are: oneDNN's fast convolution path (~1.15x here).
     return model.to(memory_format=torch.channels_last)
-
-
-def to_tensor(tiles: np.ndarray) -> torch.Tensor:
-    """uint8 N×H×W×3 → float32 N×3×H×W in [-1, 1] (channels-last strides)."""
-    tiles = np.ascontiguousarray(tiles)
-    if not tiles.flags.writeable:  # Ray's object store hands out read-only arrays, which torch warns about
-        tiles = tiles.copy()
-    return torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def classic_augment(

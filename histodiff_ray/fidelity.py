@@ -44,12 +44,12 @@ from histodiff_ray.downstream import (
     load_tile_classifier,
     predict,
     save_tile_classifier,
-    to_tensor,
     train_tile_classifier,
 )
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.ldm import LatentDiffusion
 from histodiff_ray.metrics import fid, kid, precision_recall
+from histodiff_ray.models import to_tensor
 from histodiff_ray.plots import curves_png
 from histodiff_ray.storage import (
     download_dir,

@@ -12,9 +12,9 @@ from histodiff_ray.downstream import (
     predict,
     save_tile_classifier,
     step_budget,
-    to_tensor,
     train_tile_classifier,
 )
+from histodiff_ray.models import to_tensor
 
 
 def _two_stains(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,9 +23,8 @@ from ray.data.expressions import col, lit
 from histodiff_ray.config import Config, StorageConfig
 from histodiff_ray.data.shards import check_shards, write_shard
 from histodiff_ray.data.tiles import SHARD_SCHEMA, decode_png, read_parquet, require_manifest, shard_paths
-from histodiff_ray.downstream import to_tensor
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.models import default_device
+from histodiff_ray.models import default_device, to_tensor
 from histodiff_ray.models.autoencoder import load_autoencoder
 from histodiff_ray.raycluster import init_ray
 from histodiff_ray.storage import Location, download_dir, open_location, read_bytes, write_atomic
@@ -44,7 +43,7 @@ class LatentEncoder:
         self.device = default_device()
         with tempfile.TemporaryDirectory(prefix="vae-") as tmp:
             local = download_dir(open_location(vae_dir, StorageConfig(**storage)), tmp)
-            # Channels-last (the tiles' own NHWC layout): oneDNN's fast path, 1.5x the encoder's
+            # Channels-last (to_tensor keeps the tiles' NHWC layout): oneDNN's fast path, 1.5x the encoder's
             # rate in NCHW here (bench/stages.py).
             self.vae = load_autoencoder(local).to(self.device, memory_format=torch.channels_last).eval()
 
