@@ -1,20 +1,24 @@
 """The paper profile end to end on the CPU, at its model sizes and 256 px tiles, before anyone spends
 GPU hours on it:
 
-    RAY_AUTH_MODE=disabled .venv/bin/python bench/paper_smoke.py          # ~10 min on 2 cores; run it alone
+    RAY_AUTH_MODE=disabled .venv/bin/python bench/paper_smoke.py          # ~10-14 min on 2 cores; run it alone
 
 ingest (256 px crops of ../shared/data's brain regions as two classes; crc5's 96 px tiles are rightly
 refused at 256 px) → autoencoder (55 M parameters; one joint and one adversarial step) → latents
-(64×64×3) → pre-training and fine-tuning (the 288 M-parameter UNet, one step each, bf16 autocast) →
-the noise-aware guide (50 M) → generate 2 tiles with 2 DDIM steps → select → fidelity → a one-seed
-evaluate → report; then again with classifier-free guidance (the class-conditional fine-tune, its own
-generation and evaluation; everything upstream reused). It proves that paper.yaml's shapes, settings
-and memory fit together; the GPU-only parts (CUDA placement, NCCL) are ``bench/gpu_check.py``'s.
+(64×64×3) → pre-training and fine-tuning (the 288 M-parameter UNet, one step each) → the noise-aware
+guide (50 M) → generate 2 tiles with 2 DDIM steps → select → fidelity → a one-seed evaluate → report;
+then again with classifier-free guidance (the class-conditional fine-tune, its own generation and
+evaluation; everything upstream reused). It proves that paper.yaml's shapes, settings and memory fit
+together; the GPU-only parts (CUDA placement, NCCL, bf16 speed) are ``bench/gpu_check.py``'s.
 
-Only what a 2-core machine needs is overridden (SMOKE: placement, one step per stage, batch 1, tile
-counts); model sizes, tile size, latent shape, schedules and bf16 stay the profile's. It is not in the
-test suite: every 256 px tile costs seconds per encode or decode here, and the whole run is most of
-the suite's 15-minute budget. Prints the stage timings; exits non-zero on any failure.
+Only what a 2-core machine needs is overridden (SMOKE: placement, one step per stage, batch 1, three
+tiles per class, one pool tile); model sizes, tile size, latent shape and schedules stay the profile's.
+bf16 autocast stays on where the CPU has bf16 units (``bf16_is_native``); elsewhere (AVX2) autocast
+emulates it and one UNet step takes ~3 minutes instead of ~30 s, so it runs in fp32 — the same loop, which
+CI runs in bf16 at a tiny size (``tests/train/test_diffusion.py``). It is not in the test suite: at
+1-2 TFLOP per 256 px autoencoder step and a 4.6 GB checkpoint per UNet stage it takes longer than the
+suite's whole 15-minute budget (stage timings in cluster/README.md). Prints the stage timings; exits
+non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from histodiff_ray.config import load_config  # noqa: E402
+from histodiff_ray.models import bf16_is_native  # noqa: E402
 from histodiff_ray.pipeline import run_pipeline  # noqa: E402
 from histodiff_ray.storage import exists, open_location, read_bytes  # noqa: E402
 
@@ -44,6 +50,8 @@ SMOKE = [
     "evaluate.cpus_per_run=0.5",
     "evaluate.seeds=1",
     "data.label_fraction=1.0",
+    "data.val_fraction=0.34",  # with three tiles per class: one each for train, val and test
+    "data.test_fraction=0.34",
     "data.batch_size=2",
     "autoencoder.max_steps=1",
     "autoencoder.gan_steps=1",
@@ -70,12 +78,13 @@ SMOKE = [
 
 
 def crops(src: Path, out: Path, n: int) -> None:
-    """Two 256 px crops (the paper's tile size) of each of the first ``n`` 512 px regions in ``src``."""
+    """``n`` 256 px crops (the paper's tile size): the top-left and bottom-right quarters of the 512 px
+    regions in ``src``, in name order."""
     out.mkdir(parents=True)
-    for path in sorted(src.glob("*.jpg"))[:n]:
+    corners = [(path, y) for path in sorted(src.glob("*.jpg")) for y in (0, 256)][:n]
+    for path, y in corners:
         region = np.asarray(Image.open(path).convert("RGB"))
-        for k, (y, x) in enumerate(((0, 0), (256, 256))):
-            Image.fromarray(region[y : y + 256, x : x + 256]).save(out / f"{path.stem}_{k}.png")
+        Image.fromarray(region[y : y + 256, y : y + 256]).save(out / f"{path.stem}_{y}.png")
 
 
 def main() -> None:
@@ -84,17 +93,17 @@ def main() -> None:
         sys.exit(f"paper_smoke: real H&E data not found at {DATA} (set HISTODIFF_SHARED_DATA to its folder)")
     with tempfile.TemporaryDirectory(prefix="paper-smoke-") as tmp:
         root = Path(tmp)
-        # Six tiles per class (train 4, val 1, test 1).
         crops(unlabeled / "gbm40-brain", root / "labeled" / "GBM", 3)
         crops(unlabeled / "tcga-lgg-brain", root / "labeled" / "LGG", 3)
+        region = sorted((unlabeled / "gbm40-brain").glob("*.jpg"))[-1]  # not among the labeled ones
         pool = root / "pool"
         pool.mkdir()
-        region = sorted((unlabeled / "gbm40-brain").glob("*.jpg"))[-1]  # one 512 px region: four tiles
-        (pool / region.name).write_bytes(region.read_bytes())
+        Image.fromarray(np.asarray(Image.open(region).convert("RGB"))[:256, :256]).save(pool / "pool.png")
+        bf16 = f"diffusion.bf16={str(bf16_is_native(torch.device('cpu'))).lower()}"
         timings = {}
         for kind in ("classifier", "classifier_free"):
-            cfg = load_config("paper", SMOKE + [f"guidance.kind={kind}"])
-            assert (cfg.data.tile_size, cfg.autoencoder.latent_channels, cfg.diffusion.bf16) == (256, 3, True)
+            cfg = load_config("paper", SMOKE + [bf16, f"guidance.kind={kind}"])
+            assert (cfg.data.tile_size, cfg.autoencoder.latent_channels) == (256, 3)
             result = run_pipeline(
                 cfg,
                 labeled=str(root / "labeled"),

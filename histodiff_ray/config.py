@@ -212,7 +212,9 @@ class DiffusionConfig:
     grad_accum_steps: Count = 1
     checkpoint_every: Count = 250
     log_every: Count = 25
-    bf16: bool = False  # autocast where it pays: CUDA (a CPU gains nothing with attention)
+    # Autocast where it pays: CUDA. A CPU gains little even with bf16 units, and without them (AVX2;
+    # models.bf16_is_native) it emulates bf16 many times slower than fp32: the loop then warns.
+    bf16: bool = False
     # Target-domain fine-tuning continues from the pre-trained EMA weights with its own budget.
     finetune_lr: Positive = 1e-4
     finetune_steps: Count = 1_200  # where the cpu profile's fidelity curve has flattened (docs/fidelity.md)

@@ -28,7 +28,7 @@ from histodiff_ray.fidelity import fidelity
 from histodiff_ray.generate import generate
 from histodiff_ray.judge import train_judge
 from histodiff_ray.report import build_report
-from histodiff_ray.storage import exists, list_files, open_location, read_bytes, write_atomic
+from histodiff_ray.storage import exists, open_location, read_bytes, write_atomic
 from histodiff_ray.train.autoencoder import train_autoencoder
 from histodiff_ray.train.diffusion import finetune, pretrain
 from histodiff_ray.train.guide import train_classifier
@@ -84,13 +84,14 @@ class Stages:
     def __init__(self, cfg: Config, workdir: str):
         self.cfg, self.work = cfg, open_location(workdir, cfg.storage)
         self.started = time.perf_counter()
+        self.markers = {}  # stage → the marker of the hash this run uses
 
     def path(self, name: str, digest: str) -> str:
         return self.work.join(f"{name}-{digest}").uri
 
     def run(self, name: str, digest: str, fn: Callable[[str], dict | None]) -> str:
         out = self.path(name, digest)
-        marker = self.work.join("stages", f"{name}-{digest}.json")
+        marker = self.markers[name] = self.work.join("stages", f"{name}-{digest}.json")
         if exists(marker):
             log.info(f"[pipeline] {name}: done before (config hash {digest}), skipped")
             return out
@@ -111,12 +112,9 @@ class Stages:
         return out
 
     def timings(self) -> dict[str, float]:
-
-        found = {}
-        for name in list_files(self.work.join("stages")) if exists(self.work.join("stages")) else []:
-            info = json.loads(read_bytes(self.work.join("stages", name)))
-            found[info["stage"]] = info["seconds"]
-        return found
+        """Seconds of each stage this run ran or reused, from the marker of the hash it used: a workdir
+        also holds the markers of other settings' runs, which are not this run's."""
+        return {name: json.loads(read_bytes(marker))["seconds"] for name, marker in self.markers.items()}
 
 
 def run_pipeline(

@@ -179,9 +179,20 @@ def ray_head(tmp_path_factory, s3):
             f"ray start --head failed 3 times; last output:\n{started.stdout[-2000:]}\n{started.stderr[-3000:]}"
         )
     yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", env
-    # `ray stop` would stop every cluster on the machine; end only this one's processes.
-    out = subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split()
-    for pid in out:
+
+    # `ray stop` would stop every cluster on the machine; end only this one's processes: those started
+    # with its temp dir and their descendants (the raylet's agents rename themselves "ray::…", lose the
+    # temp dir from their command line and outlived the suite when only the first were killed).
+    def children(pid: str) -> list[str]:
+        return subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True).stdout.split()
+
+    tree, todo = set(), subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split()
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo += children(pid)
+    for pid in tree:
         try:
             os.kill(int(pid), signal.SIGKILL)
         except ProcessLookupError:

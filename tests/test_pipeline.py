@@ -73,6 +73,22 @@ def test_an_evaluate_setting_changes_the_evaluation_stage_hash_only():
     assert changed == ["evaluate"]
 
 
+def test_timings_are_this_runs_stages_when_the_workdir_holds_another_settings_run(tmp_path):
+    # A workdir keeps the markers of every setting it ran with (e.g. both guidance kinds); the
+    # timings a run reports are the ones of the hashes it used, whatever order the markers list in.
+    from histodiff_ray.config import load_config
+    from histodiff_ray.pipeline import Stages
+
+    cfg = load_config("cpu")
+    slow = Stages(cfg, str(tmp_path))
+    slow.run("synthetic", "bbbbbbbbbb", lambda out: time.sleep(0.5))
+    slow.run("judge", "cccccccccc", lambda out: None)
+    fast = Stages(cfg, str(tmp_path))
+    fast.run("judge", "cccccccccc", lambda out: time.sleep(9))  # done before: skipped, its seconds reused
+    fast.run("synthetic", "aaaaaaaaaa", lambda out: None)
+    assert slow.timings()["synthetic"] >= 0.5 and fast.timings() == {"judge": 0.0, "synthetic": 0.0}
+
+
 def _markers(work):
     stages = work.join("stages")
     return sorted(n.rsplit("-", 1)[0] for n in list_files(stages)) if exists(stages) else []

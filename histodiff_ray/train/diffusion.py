@@ -27,14 +27,18 @@ from diffusers import DDPMScheduler
 
 from histodiff_ray.augment import random_dihedral
 from histodiff_ray.config import Config
+from histodiff_ray.console import logger
 from histodiff_ray.data.latents import load_latent_manifest, read_latents
 from histodiff_ray.diffusion.schedule import NoiseSchedule
 from histodiff_ray.errors import HistodiffError
 from histodiff_ray.judge import pseudo_labels
+from histodiff_ray.models import bf16_is_native
 from histodiff_ray.models.unet import build_unet
 from histodiff_ray.raycluster import init_ray
 from histodiff_ray.storage import download_dir, open_location, read_run_info
 from histodiff_ray.train.runner import StepRunner, export, fit, load_unet_weights, warmup_cosine
+
+log = logger(__name__)
 
 
 def pretrain(cfg: Config, latents: list[tuple[str, float]], run: str) -> dict:
@@ -228,6 +232,12 @@ def diffusion_loop(config: dict) -> None:
     ema = EMA(unet, d.ema_decay)
     runner.restore({"unet": unet, "unet_ema": ema.model}, list(unet.parameters()), lr=budget["lr"])
     model = ray.train.torch.prepare_model(unet)
+    if d.bf16 and runner.rank == 0 and not bf16_is_native(runner.device):
+        # Still autocast (the code a GPU runs), but say what it costs.
+        log.warning(
+            f"[{budget['name']}] diffusion.bf16 on {runner.device.type} without bf16 hardware: autocast emulates it, "
+            "many times slower than fp32; set diffusion.bf16=false on this machine"
+        )
     schedule = NoiseSchedule.from_config(d)
     scale = float(config["scale_factor"])
     batch_size = d.batch_size or cfg.data.batch_size

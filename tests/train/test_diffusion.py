@@ -3,6 +3,7 @@ every checkpoint on storage complete and loadable; sampling; latent sets mixed b
 
 import io
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -107,11 +108,13 @@ def test_killed_worker_restarts_from_the_latest_checkpoint_then_reruns_resume_an
     assert again["step"] == 12 and again["final_metrics"]["resumed_from_step"] == 10
     assert [r["step"] for r in csv_rows(run)] == list(range(1, 13))
 
-    # Fine-tuning starts from that run's EMA weights, with its own LR and step budget.
-    cfg.diffusion.finetune_steps, cfg.diffusion.finetune_warmup_steps = 2, 0
+    # Fine-tuning starts from that run's EMA weights, with its own LR and step budget; here in bf16
+    # autocast, the paper profile's setting, so that the loop a GPU runs in bf16 runs in CI too.
+    cfg.diffusion.finetune_steps, cfg.diffusion.finetune_warmup_steps, cfg.diffusion.bf16 = 2, 0, True
     ft_uri = f"s3://{bucket}/runs/ft"
     ft = finetune(cfg, [(f"s3://{bucket}/latents", 1.0)], ft_uri, run_uri)
     assert ft["step"] == 2 and ft["finetuned_from"] == run_uri and ft["scale_factor"] == again["scale_factor"]
+    assert math.isfinite(ft["final_metrics"]["loss"])
     assert ft["final_metrics"]["lr"] == cfg.diffusion.finetune_lr
     assert read_run_info(open_location(ft_uri, cfg.storage))["kind"] == "ldm"
 
