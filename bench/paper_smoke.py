@@ -23,6 +23,7 @@ non-zero on any failure.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -88,6 +89,8 @@ def crops(src: Path, out: Path, n: int) -> None:
 
 
 def main() -> None:
+    # No options: --help shows what it runs and costs before anyone starts a 13-minute run.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     unlabeled = DATA / "unlabeled"
     if not unlabeled.is_dir():
         sys.exit(f"paper_smoke: real H&E data not found at {DATA} (set HISTODIFF_SHARED_DATA to its folder)")
