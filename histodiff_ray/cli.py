@@ -275,8 +275,8 @@ COMMANDS: tuple[Command, ...] = (
         "sample",
         "histodiff_ray.ldm",
         help="unconditional samples from a run, as a PNG grid",
-        description="Draw N unconditional samples (sampling.sampler: DDIM or DPM-Solver++) from a finished "
-        "diffusion run and save them as a PNG grid.",
+        description="Draw N unconditional samples (sampling.sampler: DDIM, DPM-Solver++ or its SDE form) from a "
+        "finished diffusion run and save them as a PNG grid.",
         args=(
             arg("--run", required=True, help="a finished pretrain/finetune run folder"),
             arg("--n", type=int, default=16),
@@ -286,7 +286,12 @@ COMMANDS: tuple[Command, ...] = (
                 default=None,
                 help="sampling steps (default: sampling.ddim_steps; the sampler is sampling.sampler)",
             ),
-            arg("--eta", type=float, default=None, help="DDIM eta (default: sampling.eta; unused by dpmsolver++)"),
+            arg(
+                "--eta",
+                type=float,
+                default=None,
+                help="DDIM eta (default: sampling.eta; unused by the DPM-Solver++ samplers)",
+            ),
             arg("--seed", type=int, default=0),
             arg(
                 "--output",

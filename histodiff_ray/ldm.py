@@ -83,7 +83,7 @@ class LatentDiffusion:
     ) -> torch.Tensor:
         """Scaled latents z_0 (n × C × h × w). ``labels`` with a class-conditional UNet samples those
         classes with classifier-free guidance at ``cfg_scale``; ``cond_fn`` adds classifier guidance.
-        ``sampler``: "ddim" (with ``eta``) or "dpmsolver++" (deterministic)."""
+        ``sampler``: "ddim" (with ``eta``), "dpmsolver++" (deterministic) or "sde-dpmsolver++"."""
         model = self.eps
         if labels is not None:
             if self.null_class is None:
@@ -99,9 +99,10 @@ class LatentDiffusion:
         }
         if sampler == "ddim":
             return ddim_sample(model, self.schedule, (n, *self.latent_shape), eta=eta, **shared)
-        if sampler == "dpmsolver++":
-            return dpm_solver_sample(model, self.schedule, (n, *self.latent_shape), **shared)
-        raise ValueError(f"sampler {sampler!r} is not 'ddim' or 'dpmsolver++'")
+        if sampler in ("dpmsolver++", "sde-dpmsolver++"):
+            stochastic = sampler == "sde-dpmsolver++"
+            return dpm_solver_sample(model, self.schedule, (n, *self.latent_shape), stochastic=stochastic, **shared)
+        raise ValueError(f"sampler {sampler!r} is not 'ddim', 'dpmsolver++' or 'sde-dpmsolver++'")
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Samplers in plain torch with optional classifier guidance: DDIM (Song et al. 2021) and
-DPM-Solver++(2M) (Lu et al. 2022), which reaches the same samples in fewer steps.
+DPM-Solver++(2M) (Lu et al. 2022), which reaches the same samples in fewer steps, as an ODE solver
+or in its stochastic (SDE) form, which like DDIM at η = 1 draws fresh noise at every step.
 
 Timesteps are "trailing" (T−1, …, spaced T/steps apart), valid for any step count from 1 to T; the
 last step goes to ᾱ = 1. Guidance follows Dhariwal & Nichol (2021), Algorithm 2: with
@@ -82,13 +83,19 @@ def dpm_solver_sample(
     guidance_scale: float = 0.0,
     noise: torch.Tensor | None = None,
     progress: Callable | None = None,
+    stochastic: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(2M): the second-order multistep solver of the diffusion ODE in data prediction,
     deterministic, on ``ddim_sample``'s timesteps. The first step is first order (no earlier
     estimate yet) and so is the last, to ᾱ = 1, which returns the model's clean estimate: diffusers'
     ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
     final_sigmas_type="zero")``, which tests/diffusion/test_sampler.py matches step for step.
-    Arguments as ``ddim_sample``; only the starting noise is random."""
+    Arguments as ``ddim_sample``; only the starting noise is random.
+
+    ``stochastic``: SDE-DPM-Solver++(2M) (diffusers' ``algorithm_type="sde-dpmsolver++"``, midpoint),
+    the solver of the reverse SDE: each step keeps e^(−h) of the ODE step's carry-over of z and
+    replaces the rest with fresh noise from ``generator``, as DDIM at η = 1 does, so that guidance
+    acts on a path that can still change course."""
     z = noise.to(device) if noise is not None else _randn(shape, generator).to(device)
     ac = schedule.alphas_cumprod
     timesteps = ddim_timesteps(schedule.num_timesteps, steps)
@@ -108,7 +115,12 @@ def dpm_solver_sample(
         if previous is not None:  # second order: extrapolate the clean estimate linearly in λ
             z0_prev, h_prev = previous
             estimate = z0 + (h / (2 * h_prev)) * (z0 - z0_prev)
-        z = (sigma_next / sigma) * z - alpha_next * math.expm1(-h) * estimate
+        if stochastic:
+            kept = math.exp(-2 * h)  # the share of the variance carried over from z
+            z = (sigma_next / sigma) * math.exp(-h) * z + alpha_next * (1 - kept) * estimate
+            z = z + sigma_next * (1 - kept) ** 0.5 * _randn(shape, generator).to(device)
+        else:
+            z = (sigma_next / sigma) * z - alpha_next * math.expm1(-h) * estimate
         previous = (z0, h)
     return z
 

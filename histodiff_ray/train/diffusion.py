@@ -36,7 +36,15 @@ from histodiff_ray.models import bf16_is_native
 from histodiff_ray.models.unet import build_unet
 from histodiff_ray.raycluster import init_ray
 from histodiff_ray.storage import download_dir, open_location, read_run_info
-from histodiff_ray.train.runner import StepRunner, export, fit, load_unet_weights, warmup_cosine
+from histodiff_ray.train.runner import (
+    StepRunner,
+    export,
+    fit,
+    load_unet_weights,
+    min_epoch_rows,
+    mix_by_weight,
+    warmup_cosine,
+)
 
 log = logger(__name__)
 
@@ -141,7 +149,8 @@ def _train(
         "budget": budget,
         "num_classes": len(classes) if classes else None,
     }
-    result = fit(cfg, diffusion_loop, loop_config, {"train": mix_by_weight(parts)}, run_loc)
+    train = mix_by_weight(parts, min_rows=min_epoch_rows(cfg, cfg.diffusion.batch_size or cfg.data.batch_size))
+    result = fit(cfg, diffusion_loop, loop_config, {"train": train}, run_loc)
     d = cfg.diffusion
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(prefix="vae-") as vae_tmp:
         DDPMScheduler(
@@ -170,23 +179,6 @@ def _train(
             extra_dirs={"scheduler": tmp, "vae": vae_local},
         )
     return read_run_info(run_loc)
-
-
-def mix_by_weight(parts: list[tuple[object, int, float]]):
-    """One epoch that draws from each (dataset, rows, weight) part in proportion to its weight:
-    a part is repeated (whole copies plus a random sample) to weight × total rows; in a fresh
-    random order at every pass (the parts would otherwise stream one after the other)."""
-    total_rows = sum(rows for _, rows, _ in parts)
-    total_weight = sum(w for _, _, w in parts)
-    pieces = []
-    for ds, rows, weight in parts:
-        share = weight / total_weight * total_rows / rows
-        whole, fraction = int(share), share - int(share)
-        pieces += [ds] * whole
-        if fraction > 1e-3:
-            pieces.append(ds.random_sample(fraction))
-    mixed = pieces[0].union(*pieces[1:]) if len(pieces) > 1 else pieces[0]
-    return mixed.random_shuffle()
 
 
 class EMA:

@@ -27,7 +27,15 @@ from histodiff_ray.judge import judge_probabilities
 from histodiff_ray.models.classifier import UNET_ENCODER, build_classifier
 from histodiff_ray.raycluster import init_ray
 from histodiff_ray.storage import open_location, read_run_info
-from histodiff_ray.train.runner import StepRunner, export, fit, load_unet_weights, warmup_cosine
+from histodiff_ray.train.runner import (
+    StepRunner,
+    export,
+    fit,
+    load_unet_weights,
+    min_epoch_rows,
+    mix_by_weight,
+    warmup_cosine,
+)
 
 T_BUCKETS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # as fractions of 1000 train timesteps
 
@@ -67,8 +75,9 @@ def train_classifier(cfg: Config, latents: str, ldm_run: str, run: str, pseudo_l
         loop_config["unet"] = ldm["config"]["unet"]
         weights = load_unet_weights(open_location(ldm_run, cfg.storage))
         loop_config["init_weights"] = {k: v for k, v in weights.items() if k.startswith(UNET_ENCODER)}
+    train = read_latents(latents_loc, "train", labeled_only=True, soft_labels=soft).materialize()
     datasets = {
-        "train": read_latents(latents_loc, "train", labeled_only=True, soft_labels=soft).materialize(),
+        "train": mix_by_weight([(train, train.count(), 1.0)], min_rows=min_epoch_rows(cfg, batch_size)),
         "val": read_latents(latents_loc, "val").materialize(),
     }
     result = fit(cfg, classifier_loop, loop_config, datasets, run_loc)

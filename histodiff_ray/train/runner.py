@@ -257,6 +257,37 @@ def write_metrics(history: list[dict], folder: str) -> None:
                     tb.add_scalar(k, v, row["step"])
 
 
+# Every pass over a Train worker's stream is a new streaming-split epoch: 0.25-0.45 s of barrier and
+# coordinator start-up on the 2-core machine (bench/epoch_start.py), as long as a step of the guide.
+# So a train set of fewer rows than this many steps (a guide on a few hundred labeled latents takes
+# one or two) is repeated within one epoch, which a loop that counts steps cannot tell from more epochs.
+MIN_STEPS_PER_EPOCH = 50
+
+
+def min_epoch_rows(cfg: Config, batch_size: int) -> int:
+    """Rows of ``MIN_STEPS_PER_EPOCH`` steps of ``batch_size`` on every worker."""
+    return MIN_STEPS_PER_EPOCH * batch_size * cfg.ray.num_workers
+
+
+def mix_by_weight(parts: list[tuple[object, int, float]], min_rows: int = 0):
+    """One epoch of a train stream that draws from each (dataset, rows, weight) part in proportion
+    to its weight: a part is repeated (whole copies plus a random sample) to its share of the parts'
+    total rows, or of ``min_rows`` where that is more; in a fresh random order at every pass (the
+    parts would otherwise stream one after the other)."""
+    total_rows = sum(rows for _, rows, _ in parts)
+    epoch_rows = max(total_rows, min_rows)
+    total_weight = sum(w for _, _, w in parts)
+    pieces = []
+    for ds, rows, weight in parts:
+        share = weight / total_weight * epoch_rows / rows
+        whole, fraction = int(share), share - int(share)
+        pieces += [ds] * whole
+        if fraction > 1e-3:
+            pieces.append(ds.random_sample(fraction))
+    mixed = pieces[0].union(*pieces[1:]) if len(pieces) > 1 else pieces[0]
+    return mixed.random_shuffle()
+
+
 def fit(cfg: Config, loop, loop_config: dict, datasets: dict, run: Location):
     """Run ``loop`` on ``cfg.ray.num_workers`` Ray Train workers; the run is named by ``run``."""
 

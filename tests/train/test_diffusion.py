@@ -135,25 +135,3 @@ def test_sample_writes_a_png_grid_of_decoded_tiles(latents):
     assert main(["sample", "--run", run_uri, "--n", "4", "--steps", "3", "--output", out, *overrides]) == 0
     grid = Image.open(io.BytesIO(read_bytes(open_location(out, cfg.storage))))
     assert grid.size == (2 + 2 * (64 + 2), 2 + 2 * (64 + 2)) and grid.mode == "RGB"
-
-
-def test_mix_by_weight_draws_sources_in_proportion(ray_local):
-    import ray.data
-
-    from histodiff_ray.train.diffusion import mix_by_weight
-
-    # A few blocks each, as tile shards are: from_items' default of one block per ~row made the shuffle slow.
-    small = ray.data.from_items([{"src": "small"}] * 100, override_num_blocks=2)
-    large = ray.data.from_items([{"src": "large"}] * 1000, override_num_blocks=4)
-    rows = mix_by_weight([(small, 100, 1.0), (large, 1000, 1.0)]).take_all()
-    n_small = sum(r["src"] == "small" for r in rows)
-    n_large = len(rows) - n_small
-    # Equal weights: each source fills about half of an epoch of 1,100 rows.
-    assert 500 <= n_small <= 600 and 480 <= n_large <= 620
-    # Interleaved, not whole copies one after another: in a random order of ~550 + 550 rows the
-    # longest run of one source is ~10 rows; concatenated copies arrive in runs of 100 or more.
-    longest = run = 1
-    for before, row in zip(rows, rows[1:]):
-        run = run + 1 if row["src"] == before["src"] else 1
-        longest = max(longest, run)
-    assert longest < 30

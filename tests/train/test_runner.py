@@ -94,3 +94,42 @@ def test_unregistered_checkpoint_folders_are_removed(tmp_path):
         "checkpoint_manager_snapshot.json",
         "model",
     ]
+
+
+def test_mix_by_weight_draws_sources_in_proportion(ray_local):
+    import ray.data
+
+    from histodiff_ray.train.runner import mix_by_weight
+
+    # A few blocks each, as tile shards are: from_items' default of one block per ~row made the shuffle slow.
+    small = ray.data.from_items([{"src": "small"}] * 100, override_num_blocks=2)
+    large = ray.data.from_items([{"src": "large"}] * 1000, override_num_blocks=4)
+    rows = mix_by_weight([(small, 100, 1.0), (large, 1000, 1.0)]).take_all()
+    n_small = sum(r["src"] == "small" for r in rows)
+    n_large = len(rows) - n_small
+    # Equal weights: each source fills about half of an epoch of 1,100 rows.
+    assert 500 <= n_small <= 600 and 480 <= n_large <= 620
+    # Interleaved, not whole copies one after another: in a random order of ~550 + 550 rows the
+    # longest run of one source is ~10 rows; concatenated copies arrive in runs of 100 or more.
+    longest = run = 1
+    for before, row in zip(rows, rows[1:]):
+        run = run + 1 if row["src"] == before["src"] else 1
+        longest = max(longest, run)
+    assert longest < 30
+
+
+def test_a_train_set_of_few_steps_is_repeated_within_one_epoch(ray_local):
+    import collections
+
+    import ray.data
+
+    from histodiff_ray.train.runner import MIN_STEPS_PER_EPOCH, min_epoch_rows, mix_by_weight
+
+    cfg = load_config("cpu", ["ray.num_workers=2"])
+    assert min_epoch_rows(cfg, 8) == MIN_STEPS_PER_EPOCH * 8 * 2
+    few = ray.data.from_items([{"i": i} for i in range(100)], override_num_blocks=2)
+    rows = [r["i"] for r in mix_by_weight([(few, 100, 1.0)], min_rows=1000).take_all()]
+    # Ten whole copies, shuffled together: every row ten times, not 0..99 ten times in order.
+    assert collections.Counter(rows) == {i: 10 for i in range(100)} and rows[:100] != list(range(100))
+    many = ray.data.from_items([{"i": i} for i in range(100)], override_num_blocks=2)
+    assert sorted(r["i"] for r in mix_by_weight([(many, 100, 1.0)], min_rows=50).take_all()) == list(range(100))
