@@ -20,10 +20,11 @@ A checkpoint folder holds diffusers-format model folders (safetensors), ``optimi
 only, read back with ``weights_only=True``), ``state.json`` (step, history) and the history as
 ``metrics.csv`` and TensorBoard events. No checkpoint is ever unpickled.
 
-Driver side: ``fit`` runs a loop on ``ray.num_workers`` workers under the run's name (Ray Train V2:
-launching again with the same ``RunConfig(storage_path, name)`` resumes from the latest checkpoint,
-and ``FailureConfig`` restarts failed workers from it); ``export`` publishes the final checkpoint's
-models as diffusers folders with the curves and run.json.
+Driver side: ``mix_by_weight`` makes a stage's train stream (weighted parts, reshuffled every pass,
+at least ``MIN_STEPS_PER_EPOCH`` steps an epoch); ``fit`` runs a loop on ``ray.num_workers`` workers
+under the run's name (Ray Train V2: launching again with the same ``RunConfig(storage_path, name)``
+resumes from the latest checkpoint, and ``FailureConfig`` restarts failed workers from it);
+``export`` publishes the final checkpoint's models as diffusers folders with the curves and run.json.
 """
 
 from __future__ import annotations
