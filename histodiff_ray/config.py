@@ -578,14 +578,16 @@ def _config_error(exc: ValidationError, values: dict) -> ConfigError:
 _CONFIG = TypeAdapter(Config)
 
 
-def config_from_dict(values: dict) -> Config:
+def config_from_dict(values: dict, check_relations: bool = True) -> Config:
     """A checked Config from nested sections of values (missing keys keep their defaults); also the
-    inverse of ``Config.to_dict`` (how configs travel to Ray workers)."""
+    inverse of ``Config.to_dict`` (how configs travel to Ray workers). ``check_relations=False`` is
+    for the ``to_dict`` of a config the driver has checked already: a Train worker's, where the check
+    would import timm (~2.5 CPU-seconds of each worker's start) to find what the driver found."""
     try:
         cfg = _CONFIG.validate_python(values)
     except ValidationError as exc:
         raise _config_error(exc, values) from None
-    return _check_relations(cfg)
+    return _check_relations(cfg) if check_relations else cfg
 
 
 # Keys added after results were cached under hashes of their sections: at the value that keeps the

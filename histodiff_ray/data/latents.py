@@ -17,15 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
-import torch
 from ray.data.expressions import col, lit
 
 from histodiff_ray.config import Config, StorageConfig
 from histodiff_ray.data.shards import check_shards, write_shard
 from histodiff_ray.data.tiles import SHARD_SCHEMA, decode_png, read_parquet, require_manifest, shard_paths
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.models import default_device, to_tensor
-from histodiff_ray.models.autoencoder import load_autoencoder
 from histodiff_ray.raycluster import init_ray
 from histodiff_ray.storage import Location, download_dir, open_location, read_bytes, write_atomic
 
@@ -38,9 +35,16 @@ class LatentEncoder:
     """A Ray Data callable class: the autoencoder is loaded once per actor."""
 
     def __init__(self, vae_dir: str, storage: dict):
+        # Here, not at the top: every process that streams latents (Ray Data's tasks and coordinators,
+        # anew for each Train run) imports this module to unpickle decode_latents, and torch and
+        # diffusers would add ~6 CPU-seconds to each one's start.
+        import torch  # noqa: PLC0415
+
+        from histodiff_ray.models import default_device, to_tensor  # noqa: PLC0415
+        from histodiff_ray.models.autoencoder import load_autoencoder  # noqa: PLC0415
 
         torch.set_num_threads(1)  # one thread per actor: actors, not threads, scale across cores
-        self.device = default_device()
+        self.torch, self.to_tensor, self.device = torch, to_tensor, default_device()
         with tempfile.TemporaryDirectory(prefix="vae-") as tmp:
             local = download_dir(open_location(vae_dir, StorageConfig(**storage)), tmp)
             # Channels-last (to_tensor keeps the tiles' NHWC layout): oneDNN's fast path, 1.5x the encoder's
@@ -48,9 +52,8 @@ class LatentEncoder:
             self.vae = load_autoencoder(local).to(self.device, memory_format=torch.channels_last).eval()
 
     def __call__(self, batch: dict) -> dict:
-
-        x = to_tensor(np.stack([decode_png(b) for b in batch["image"]])).to(self.device)
-        with torch.no_grad():
+        x = self.to_tensor(np.stack([decode_png(b) for b in batch["image"]])).to(self.device)
+        with self.torch.no_grad():
             mean = self.vae.encode(x).latent_dist.mean.float().cpu().numpy()
         out = {c: batch[c] for c in META_COLUMNS}
         out["latent"] = [m.astype(np.float16).tobytes() for m in mean]

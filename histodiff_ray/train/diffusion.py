@@ -31,7 +31,6 @@ from histodiff_ray.console import logger
 from histodiff_ray.data.latents import load_latent_manifest, read_latents
 from histodiff_ray.diffusion.schedule import NoiseSchedule
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.judge import pseudo_labels
 from histodiff_ray.models import bf16_is_native
 from histodiff_ray.models.unet import build_unet
 from histodiff_ray.raycluster import init_ray
@@ -87,6 +86,10 @@ def finetune(
             raise HistodiffError(
                 "--pseudo-labels serves a class-conditional fine-tune: set guidance.kind=classifier_free"
             )
+        # Here, on the driver, not at the top: the Train workers import this module, and the judge's
+        # timm and torchmetrics would add ~5 CPU-seconds to each one's start.
+        from histodiff_ray.judge import pseudo_labels  # noqa: PLC0415
+
         pseudo = pseudo_labels(cfg, pseudo_labels_from, next(m["tiles"] for m in manifests if m.get("classes")))
     d = cfg.diffusion
     budget = {

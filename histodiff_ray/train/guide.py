@@ -23,7 +23,6 @@ from histodiff_ray.config import Config, UNetConfig
 from histodiff_ray.data.latents import load_latent_manifest, read_latents
 from histodiff_ray.diffusion.schedule import NoiseSchedule
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.judge import judge_probabilities
 from histodiff_ray.models.classifier import UNET_ENCODER, build_classifier
 from histodiff_ray.raycluster import init_ray
 from histodiff_ray.storage import open_location, read_run_info
@@ -65,6 +64,10 @@ def train_classifier(cfg: Config, latents: str, ldm_run: str, run: str, pseudo_l
     classes = manifest["classes"]
     soft, pseudo_summary = None, None
     if pseudo_labels_from is not None:
+        # Here, on the driver, not at the top: the Train workers import this module, and the judge's
+        # timm and torchmetrics would add ~5 CPU-seconds to each one's start.
+        from histodiff_ray.judge import judge_probabilities  # noqa: PLC0415
+
         soft, pseudo_summary = judge_probabilities(cfg, pseudo_labels_from, manifest["tiles"])
     loop_config = {
         "latent_shape": manifest["latent_shape"],

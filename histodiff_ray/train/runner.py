@@ -86,7 +86,7 @@ class StepRunner:
     """
 
     def __init__(self, config: dict, name: str, *, seed_offset: int = 0, rank_stride: int = 1):
-        self.cfg: Config = config_from_dict(config["cfg"])
+        self.cfg: Config = config_from_dict(config["cfg"], check_relations=False)
         self.name = name
         quiet_train_worker()
         self.rank = ray.train.get_context().get_world_rank()

@@ -1,8 +1,10 @@
 """The step runner without Ray: a checkpoint written on one device and resumed on another (on a CPU:
 another dtype, the one move a CPU can show), phases added to a finished run; unregistered checkpoint
-folders removed."""
+folders removed; what a Train worker imports."""
 
 import json
+import subprocess
+import sys
 
 import torch
 
@@ -10,6 +12,19 @@ from histodiff_ray.config import load_config
 from histodiff_ray.models.autoencoder import autoencoder_loss, build_autoencoder
 from histodiff_ray.storage import open_location
 from histodiff_ray.train.runner import place_and_restore, remove_unregistered_checkpoints, write_checkpoint
+
+
+def test_train_workers_import_neither_the_judge_nor_timm():
+    # A Train worker imports its stage's module and rebuilds the driver's checked config; the judge's
+    # timm and torchmetrics, or a second check of the config (which asks timm for its model names),
+    # added ~5 CPU-seconds to each worker's start, in every training run.
+    code = (
+        "import sys, histodiff_ray.train.diffusion, histodiff_ray.train.guide\n"
+        "from histodiff_ray.config import Config, config_from_dict\n"
+        "config_from_dict(Config().to_dict(), check_relations=False)\n"
+        "print([m for m in ('timm', 'torchmetrics', 'histodiff_ray.judge') if m in sys.modules])"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def _step(vae, optimizer, dtype):
