@@ -582,7 +582,8 @@ def config_from_dict(values: dict, check_relations: bool = True) -> Config:
     """A checked Config from nested sections of values (missing keys keep their defaults); also the
     inverse of ``Config.to_dict`` (how configs travel to Ray workers). ``check_relations=False`` is
     for the ``to_dict`` of a config the driver has checked already: a Train worker's, where the check
-    would import timm (~2.5 CPU-seconds of each worker's start) to find what the driver found."""
+    would import timm to find what the driver found (little next to diffusers' imports, which
+    share most of timm's; within the noise of bench/imports.py)."""
     try:
         cfg = _CONFIG.validate_python(values)
     except ValidationError as exc:

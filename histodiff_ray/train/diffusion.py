@@ -86,8 +86,8 @@ def finetune(
             raise HistodiffError(
                 "--pseudo-labels serves a class-conditional fine-tune: set guidance.kind=classifier_free"
             )
-        # Here, on the driver, not at the top: the Train workers import this module, and the judge's
-        # timm and torchmetrics would add ~5 CPU-seconds to each one's start.
+        # Here, on the driver, not at the top: the Train workers import this module, and need none of
+        # the judge's timm and torchmetrics (about a CPU-second of each one's start, bench/imports.py).
         from histodiff_ray.judge import pseudo_labels  # noqa: PLC0415
 
         pseudo = pseudo_labels(cfg, pseudo_labels_from, next(m["tiles"] for m in manifests if m.get("classes")))

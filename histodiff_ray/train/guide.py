@@ -64,8 +64,8 @@ def train_classifier(cfg: Config, latents: str, ldm_run: str, run: str, pseudo_l
     classes = manifest["classes"]
     soft, pseudo_summary = None, None
     if pseudo_labels_from is not None:
-        # Here, on the driver, not at the top: the Train workers import this module, and the judge's
-        # timm and torchmetrics would add ~5 CPU-seconds to each one's start.
+        # Here, on the driver, not at the top: the Train workers import this module, and need none of
+        # the judge's timm and torchmetrics (about a CPU-second of each one's start, bench/imports.py).
         from histodiff_ray.judge import judge_probabilities  # noqa: PLC0415
 
         soft, pseudo_summary = judge_probabilities(cfg, pseudo_labels_from, manifest["tiles"])

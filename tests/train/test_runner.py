@@ -17,7 +17,7 @@ from histodiff_ray.train.runner import place_and_restore, remove_unregistered_ch
 def test_train_workers_import_neither_the_judge_nor_timm():
     # A Train worker imports its stage's module and rebuilds the driver's checked config; the judge's
     # timm and torchmetrics, or a second check of the config (which asks timm for its model names),
-    # added ~5 CPU-seconds to each worker's start, in every training run.
+    # are imports no worker uses, at the start of every worker of every training run.
     code = (
         "import sys, histodiff_ray.train.diffusion, histodiff_ray.train.guide\n"
         "from histodiff_ray.config import Config, config_from_dict\n"
