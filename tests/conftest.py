@@ -70,10 +70,10 @@ def bucket(s3) -> str:
     return name
 
 
-# Tiny model settings for integration tests: two Train workers, a few steps, a small UNet.
+# Tiny model settings for integration tests: one Train worker, a few steps, a small UNet.
 TINY = [
     "data.batch_size=8",
-    "ray.num_workers=2",
+    "ray.num_workers=1",
     "autoencoder.max_steps=2",
     "autoencoder.decoder_steps=0",
     "autoencoder.gan_steps=0",
@@ -88,10 +88,16 @@ TINY = [
 ]
 
 
+# Two Train workers, for the runs whose point includes DDP (gradients synced, a shard each, one worker
+# killed): a second worker costs each Train run about 5 s of start-up on 2 cores, so the others use one.
+DDP = ["ray.num_workers=2"]
+
+
 @pytest.fixture(scope="session")
 def tiny_latents(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
-    """Real crc5 tiles (2 classes × 24) ingested to the S3 server, a 2-step autoencoder and their
-    latents, shared by the training and generation tests. Returns (config overrides, bucket)."""
+    """Real crc5 tiles (2 classes × 24) ingested to the S3 server, an autoencoder (2 joint steps, then
+    2 of the decoder alone, on two DDP workers) and their latents, shared by the training and
+    generation tests. Returns (config overrides, bucket)."""
     from histodiff_ray.config import load_config
     from histodiff_ray.data.ingest import ingest
     from histodiff_ray.data.latents import encode_latents
@@ -104,8 +110,10 @@ def tiny_latents(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
     cfg = load_config("cpu", overrides)
     src = make_labeled_input(tmp_path_factory.mktemp("train") / "input", shared_data, classes=("AC", "H"), per_class=24)
     ingest(cfg, [str(src)], f"s3://{bucket}/tiles", labeled=True, progress=False)
-    info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], f"s3://{bucket}/runs/ae")
-    assert info["step"] == 2 and info["final_metrics"]["val_tiles"] > 0
+    # The decoder phase is checked in tests/train/test_autoencoder.py: one Train run serves both.
+    ae_cfg = load_config("cpu", overrides + DDP + ["autoencoder.decoder_steps=2"])
+    info = train_autoencoder(ae_cfg, [f"s3://{bucket}/tiles"], f"s3://{bucket}/runs/ae")
+    assert info["step"] == 4 and info["final_metrics"]["val_tiles"] > 0
     assert 0 < info["final_metrics"]["val_ssim"] < 1 and info["final_metrics"]["val_psnr"] > 5
     from histodiff_ray.storage import exists, open_location
 
@@ -150,7 +158,11 @@ def ray_head(tmp_path_factory, s3):
         gcs, dashboard, client, agent_listen, agent_grpc, metrics, node_manager, object_manager, env_agent = (
             _free_ports(9)
         )
-        worker_lo = 20000 + (os.getpid() + 97 * attempt) % 500 * 20  # below Linux's ephemeral port range
+        # Every worker process holds a port while it lives. 20 ports ran out during a training stage (a Train
+        # run starts ~8 actors beside the idle workers): the raylet then waited its 60 s register timeout
+        # for the worker that found no port, once in most pipeline runs. 200 per cluster, all below Linux's
+        # ephemeral range (32768 up), distinct for up to 60 concurrent suites.
+        worker_lo = 20000 + (os.getpid() + 97 * attempt) % 60 * 200
         cmd = [
             str(bin_dir / "ray"),
             "start",
@@ -165,7 +177,7 @@ def ray_head(tmp_path_factory, s3):
             f"--object-manager-port={object_manager}",
             f"--runtime-env-agent-port={env_agent}",
             f"--min-worker-port={worker_lo}",
-            f"--max-worker-port={worker_lo + 19}",
+            f"--max-worker-port={worker_lo + 199}",
             "--num-cpus=2",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
@@ -239,7 +251,9 @@ def tiny_models(tiny_latents):
     checkpoints = os.path.join(tempfile.gettempdir(), "ckpt-*")  # where the Train workers (this machine) write them
     before = set(glob.glob(checkpoints))
     pretrain(cfg, [(f"s3://{bucket}/latents", 1.0)], f"{root}/ldm")
-    info = train_classifier(cfg, f"s3://{bucket}/latents", f"{root}/ldm", f"{root}/classifier")
+    info = train_classifier(
+        load_config("cpu", overrides + DDP), f"s3://{bucket}/latents", f"{root}/ldm", f"{root}/classifier"
+    )
     leftover = sorted(set(glob.glob(checkpoints)) - before)
     judge = train_judge(cfg, f"s3://{bucket}/tiles", f"{root}/judge")
     args = {
@@ -258,15 +272,19 @@ def tiny_models(tiny_latents):
     }
 
 
+SYNTHETIC_PER_CLASS = 12  # shards of 2: enough for tests/test_generate.py's drill to kill its rerun half-way
+
+
 @pytest.fixture(scope="session")
 def tiny_synthetic(tiny_models):
-    """A finished synthetic set (2 classes × 8 tiles) from the tiny models."""
+    """A finished synthetic set (2 classes × 12 tiles) from the tiny models; also the uninterrupted set
+    that tests/test_generate.py's drill compares its killed and rerun job with."""
     from histodiff_ray.config import load_config
     from histodiff_ray.generate import generate
 
     cfg = load_config("cpu", tiny_models["overrides"])
     uri = f"{tiny_models['root']}/synthetic-small"
-    generate(cfg, **tiny_models["args"], output=uri, per_class=8, progress=False)
+    generate(cfg, **tiny_models["args"], output=uri, per_class=SYNTHETIC_PER_CLASS, progress=False)
     return uri
 
 

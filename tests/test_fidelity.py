@@ -12,6 +12,7 @@ from PIL import Image, ImageFilter
 from histodiff_ray.config import load_config
 from histodiff_ray.fidelity import c2st, oracle_agreement
 from histodiff_ray.storage import download_dir, open_location, read_bytes
+from tests.conftest import SYNTHETIC_PER_CLASS
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +155,8 @@ def test_fidelity_command_measures_each_set_with_one_oracle_reused_across_runs(
         rows = s["per_class"]
         assert list(rows) == ["AC", "H", "all"] and s["uri"] == tiny_synthetic
         for c, cls in enumerate(["AC", "H"]):
-            assert rows[cls]["generated"] == 8 and rows[cls]["kept"] == int(kept[labels == c].sum())
-        assert rows["all"]["generated"] == 16 and rows["all"]["kept"] == int(kept.sum())
+            assert rows[cls]["generated"] == SYNTHETIC_PER_CLASS and rows[cls]["kept"] == int(kept[labels == c].sum())
+        assert rows["all"]["generated"] == 2 * SYNTHETIC_PER_CLASS and rows["all"]["kept"] == int(kept.sum())
         assert rows["all"]["real_val"] == val_n
         for row in rows.values():
             for key in ("oracle_agreement", "precision", "recall"):

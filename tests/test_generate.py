@@ -4,6 +4,7 @@ half-way and rerun gives exactly the requested set, byte-identical to an uninter
 
 import io
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -16,10 +17,20 @@ import pytest
 from PIL import Image
 
 from histodiff_ray.config import load_config
-from histodiff_ray.storage import exists, list_files, open_location, read_bytes, write_atomic
+from histodiff_ray.storage import (
+    download_dir,
+    exists,
+    list_files,
+    open_location,
+    read_bytes,
+    read_run_info,
+    upload_dir,
+    write_atomic,
+)
+from tests.conftest import SYNTHETIC_PER_CLASS
 
 BIN = Path(sys.executable).parent
-PER_CLASS = 12
+PER_CLASS = SYNTHETIC_PER_CLASS
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +107,15 @@ def _cli(args, overrides, output, env):
     ]
 
 
-def test_generate_killed_half_way_then_rerun_gives_exactly_the_uninterrupted_set(models, ray_head):
+def test_generate_killed_half_way_then_rerun_gives_exactly_the_uninterrupted_set(models, tiny_synthetic, ray_head):
     from histodiff_ray.generate import generate
 
     cfg, overrides, root, args, _, _ = models
-    # An uninterrupted run, in this process.
-    summary = generate(cfg, **args, output=f"{root}/clean", per_class=PER_CLASS, progress=False)
+    # The uninterrupted run: the session's synthetic set, made by `generate` in this process with the
+    # same models and settings (the output folder is not part of what decides the tiles).
+    summary = json.loads(read_bytes(open_location(f"{tiny_synthetic}/summary.json", cfg.storage)))
     assert summary["tiles"] == 2 * PER_CLASS
-    clean = pq.read_table(io.BytesIO(read_bytes(open_location(f"{root}/clean/index.parquet", cfg.storage))))
+    clean = pq.read_table(io.BytesIO(read_bytes(open_location(f"{tiny_synthetic}/index.parquet", cfg.storage))))
 
     # The same job from a driver on a `ray start` cluster, SIGKILLed when about half its shards exist.
     _, gcs, env = ray_head
@@ -136,7 +148,7 @@ def test_generate_killed_half_way_then_rerun_gives_exactly_the_uninterrupted_set
     assert len(ids) == 2 * PER_CLASS and len(set(ids)) == len(ids)
     assert sorted(ids) == sorted(clean.column("tile_id").to_pylist())
     # Deterministic: every tile equals the uninterrupted run's, pixel for pixel and seed for seed.
-    drill_tiles, clean_tiles = _tiles(out, index), _tiles(open_location(f"{root}/clean", cfg.storage), clean)
+    drill_tiles, clean_tiles = _tiles(out, index), _tiles(open_location(tiny_synthetic, cfg.storage), clean)
     assert drill_tiles == clean_tiles
 
     # Selection and provenance: every tile says where it came from and whether it was kept, and why not.
@@ -196,27 +208,30 @@ def test_loading_the_models_from_s3_leaves_no_copy_on_local_disk(models, tmp_pat
     assert list(scratch.iterdir()) == []
 
 
-def test_generate_refuses_to_mix_settings_in_one_output(models):
+def test_generate_refuses_to_mix_settings_in_one_output(models, tiny_synthetic):
     from histodiff_ray.errors import HistodiffError
     from histodiff_ray.generate import generate
 
     cfg, overrides, root, args, _, _ = models
     other = load_config("cpu", overrides + ["sampling.guidance_scale=7"])
     with pytest.raises(HistodiffError, match="other settings .*sampling"):
-        generate(other, **args, output=f"{root}/clean", per_class=PER_CLASS, progress=False)
+        generate(other, **args, output=tiny_synthetic, per_class=PER_CLASS, progress=False)
 
 
-def test_select_reruns_selection_alone_with_other_thresholds(models):
+def test_select_reruns_selection_alone_with_other_thresholds(models, tiny_synthetic, tmp_path):
     from histodiff_ray.data.synthetic import select_synthetic
 
     cfg, overrides, root, _, _, _ = models
+    # Selection rewrites the set's index: on a copy of the session's set, which other tests read.
+    uri = f"{root}/reselected"
+    upload_dir(download_dir(open_location(tiny_synthetic, cfg.storage), str(tmp_path)), open_location(uri, cfg.storage))
     strict = load_config("cpu", overrides + ["selection.confidence_threshold=1.0", "selection.max_per_class=1"])
-    summary = select_synthetic(strict, f"{root}/clean", strict.selection)
+    summary = select_synthetic(strict, uri, strict.selection)
     assert summary["tiles"] == 2 * PER_CLASS and summary["kept"] <= 2
     assert all(c["kept"] <= 1 for c in summary["per_class"].values())
     loose = load_config("cpu", overrides + ["selection.confidence_threshold=0.0", "selection.max_per_class=3"])
-    summary = select_synthetic(loose, f"{root}/clean", loose.selection)
-    index = pq.read_table(io.BytesIO(read_bytes(open_location(f"{root}/clean/index.parquet", cfg.storage))))
+    summary = select_synthetic(loose, uri, loose.selection)
+    index = pq.read_table(io.BytesIO(read_bytes(open_location(f"{uri}/index.parquet", cfg.storage))))
     # With no confidence bar, only centroid disagreement and the cap drop tiles.
     assert set(index.column("reason").to_pylist()) <= {"", "centroid_mismatch", "over_cap"}
     assert all(c["kept"] <= 3 for c in summary["per_class"].values())
@@ -236,8 +251,10 @@ def _tiles(loc, table):
 
 
 def test_classifier_free_guidance_fine_tunes_with_classes_and_generates_without_a_guide(models):
-    """guidance.kind=classifier_free: `finetune` gives the UNet a class embedding trained on the
-    labels; `generate` then takes no --classifier and records the kind and scale it used."""
+    """guidance.kind=classifier_free: `finetune` starts from the pre-trained run's EMA weights, with its
+    own LR and step budget, and gives the UNet a class embedding trained on the labels; `generate` then
+    takes no --classifier and records the kind and scale it used. The fine-tune runs in bf16 autocast,
+    the paper profile's setting, so that the loop a GPU runs in bf16 runs in CI too."""
     from histodiff_ray.errors import HistodiffError
     from histodiff_ray.generate import generate
     from histodiff_ray.ldm import LatentDiffusion
@@ -251,12 +268,18 @@ def test_classifier_free_guidance_fine_tunes_with_classes_and_generates_without_
             "guidance.kind=classifier_free",
             "diffusion.finetune_steps=2",
             "diffusion.finetune_warmup_steps=0",
+            "diffusion.bf16=true",
             "sampling.ddim_steps=4",
         ],
     )
     bucket = root.split("/")[2]
     info = finetune(cfg, [(f"s3://{bucket}/latents", 1.0)], f"{root}/ldm-cfg", args["ldm"])
-    assert info["classes"] == ["AC", "H"] and info["step"] == 2
+    assert info["classes"] == ["AC", "H"] and info["step"] == 2 and info["kind"] == "ldm"
+    assert (
+        info["finetuned_from"] == args["ldm"]
+        and info["scale_factor"] == read_run_info(open_location(args["ldm"], cfg.storage))["scale_factor"]
+    )
+    assert math.isfinite(info["final_metrics"]["loss"]) and info["final_metrics"]["lr"] == cfg.diffusion.finetune_lr
     ldm = LatentDiffusion.from_run(open_location(f"{root}/ldm-cfg", cfg.storage))
     assert ldm.null_class == 2
     with pytest.raises(HistodiffError, match="drop --classifier"):

@@ -6,21 +6,24 @@ import json
 import torch
 from safetensors.torch import load as load_safetensors
 
-from histodiff_ray.storage import list_files, open_location, read_bytes
+from histodiff_ray.storage import download_dir, list_files, open_location, read_bytes, upload_dir
 from histodiff_ray.train.autoencoder import train_autoencoder
 from tests.train.conftest import csv_rows
 
 
-def test_decoder_phases_train_the_decoder_alone_so_the_latents_do_not_change(latents):
-    # The decoder phase, then an adversarial phase added to the finished run (autoencoder.gan_steps
-    # raised, the same command re-run): it resumes at the last step with a fresh discriminator, two
-    # DDP workers train decoder and discriminator in one backward, and the encoder never moves.
-
+def test_decoder_phases_train_the_decoder_alone_so_the_latents_do_not_change(latents, tmp_path):
+    # The session's autoencoder (tests/conftest.py) ran its joint phase, then the decoder phase, on two
+    # DDP workers. An adversarial phase is then added to a copy of that finished run (autoencoder.gan_steps
+    # raised, the same command re-run): it resumes at the last step with a fresh discriminator, two DDP
+    # workers train decoder and discriminator in one backward, and the encoder never moves.
     cfg, bucket = latents
-    cfg.autoencoder.max_steps, cfg.autoencoder.decoder_steps, cfg.ray.keep_checkpoints = 2, 2, 6
-    run_uri = f"s3://{bucket}/runs/ae-decoder"
-    info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], run_uri)
-    assert info["step"] == 4 and info["final_metrics"]["val_psnr"] > 5
+    run_uri = f"s3://{bucket}/runs/ae-adversarial"
+    upload_dir(
+        download_dir(open_location(f"s3://{bucket}/runs/ae", cfg.storage), str(tmp_path)),
+        open_location(run_uri, cfg.storage),
+    )
+    cfg.ray.num_workers, cfg.ray.keep_checkpoints = 2, 6
+    cfg.autoencoder.max_steps, cfg.autoencoder.decoder_steps = 2, 2
     cfg.autoencoder.gan_steps, cfg.autoencoder.gan_channels = 2, 8
     info = train_autoencoder(cfg, [f"s3://{bucket}/tiles"], run_uri)
     assert info["step"] == 6 and info["final_metrics"]["disc_loss"] > 0
