@@ -160,8 +160,8 @@ def ray_head(tmp_path_factory, s3):
         )
         # Every worker process holds a port while it lives. 20 ports ran out during a training stage (a Train
         # run starts ~8 actors beside the idle workers): the raylet then waited its 60 s register timeout
-        # for the worker that found no port, once in most pipeline runs. 200 per cluster, all below Linux's
-        # ephemeral range (32768 up), distinct for up to 60 concurrent suites.
+        # for the worker that found no port, once in most pipeline runs. 200 per cluster, below Linux's
+        # ephemeral range (32768 up): one of 60 windows, picked by process id.
         worker_lo = 20000 + (os.getpid() + 97 * attempt) % 60 * 200
         cmd = [
             str(bin_dir / "ray"),
