@@ -1,14 +1,15 @@
 """Latent batches: labels are −1 where a label may not be used, unless a pseudo-label or the judge's
-probabilities fill them in; a latent set records its autoencoder's latent shape; reading latents
-imports neither torch nor diffusers."""
+probabilities fill them in; a latent set records its autoencoder's latent shape and its encoding's
+timing; reading latents imports neither torch nor diffusers."""
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 
 from histodiff_ray.config import load_config
-from histodiff_ray.data.latents import decode_latents, encode_latents
+from histodiff_ray.data.latents import _gather, decode_latents, encode_latents
 
 
 def _batch():
@@ -58,7 +59,32 @@ def test_the_latent_shape_is_the_autoencoders_not_the_configs(tiny_latents):
     # then read the latents with the wrong number of channels.
     overrides, bucket = tiny_latents
     cfg = load_config("cpu", overrides + ["autoencoder.latent_channels=3"])
+    called = time.perf_counter()
     manifest = encode_latents(
         cfg, f"s3://{bucket}/tiles", f"s3://{bucket}/runs/ae/model/vae", f"s3://{bucket}/latents-shape"
     )
+    wall = time.perf_counter() - called
     assert manifest["latent_shape"] == [load_config("cpu").autoencoder.latent_channels, 16, 16]
+    # The manifest also records the call's timing; 48 tiles are one batch: no rate after the first.
+    timing = manifest["encoding"]
+    assert 0 < timing["first_latents_s"] < timing["seconds"] <= wall
+    assert "steady_tiles_per_s" not in timing
+
+
+def test_the_steady_rate_counts_the_tiles_after_the_first_batch(ray_local):
+    # bench/stages.py compares this rate with a plain loop: the start-up before the first batch
+    # must not be in it, and every later tile must.
+    ds = ray_local.data.range(600, override_num_blocks=6).map_batches(_slow, batch_size=None)
+    called = time.perf_counter()
+    tables, timing = _gather(ds, 600, progress=False)
+    wall = time.perf_counter() - called
+    assert sum(t.num_rows for t in tables) == 600
+    assert timing["first_latents_s"] >= 0.2  # the first block's sleep
+    streaming = (600 - tables[0].num_rows) / timing["steady_tiles_per_s"]
+    # Two CPUs run the six blocks in three rounds of 0.2 s: the last two rounds come after the first block.
+    assert 0.35 <= streaming <= wall - timing["first_latents_s"] + 0.01
+
+
+def _slow(batch):
+    time.sleep(0.2)
+    return batch
