@@ -140,10 +140,8 @@ def _gather(ds, total: int, progress: bool) -> tuple[list[pa.Table], dict]:
     timing = {"first_latents_s": round((first or end) - start, 2)}
     if first is not None and end > first and rows > first_rows:
         timing["steady_tiles_per_s"] = round((rows - first_rows) / (end - first), 1)
-    log.info(
-        f"[encode-latents] {rows} tiles; first latents after {timing['first_latents_s']:.1f} s, then "
-        f"{timing.get('steady_tiles_per_s', float('nan')):.0f} tiles/s"
-    )
+    rate = f", then {timing['steady_tiles_per_s']:.0f} tiles/s" if "steady_tiles_per_s" in timing else ""
+    log.info(f"[encode-latents] {rows} tiles; first latents after {timing['first_latents_s']:.1f} s{rate}")
     return [t for t in tables if t.num_rows], timing
 
 
