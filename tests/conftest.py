@@ -96,7 +96,7 @@ DDP = ["ray.num_workers=2"]
 @pytest.fixture(scope="session")
 def tiny_latents(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
     """Real crc5 tiles (2 classes × 24) ingested to the S3 server, an autoencoder (2 joint steps, then
-    2 of the decoder alone, on two DDP workers) and their latents, shared by the training and
+    2 of the decoder alone and 2 adversarial ones, on two DDP workers) and their latents, shared by the training and
     generation tests. Returns (config overrides, bucket)."""
     from histodiff_ray.config import load_config
     from histodiff_ray.data.ingest import ingest
@@ -110,10 +110,12 @@ def tiny_latents(ray_local, s3, s3_overrides, tmp_path_factory, shared_data):
     cfg = load_config("cpu", overrides)
     src = make_labeled_input(tmp_path_factory.mktemp("train") / "input", shared_data, classes=("AC", "H"), per_class=24)
     ingest(cfg, [str(src)], f"s3://{bucket}/tiles", labeled=True, progress=False)
-    # The decoder phase is checked in tests/train/test_autoencoder.py: one Train run serves both.
-    ae_cfg = load_config("cpu", overrides + DDP + ["autoencoder.decoder_steps=2"])
+    # Both decoder phases (2 steps each) are checked in tests/train/test_autoencoder.py from this run's
+    # checkpoints, one per phase: one Train run serves both.
+    decoder_phases = ["autoencoder.decoder_steps=2", "autoencoder.gan_steps=2", "autoencoder.gan_channels=8"]
+    ae_cfg = load_config("cpu", overrides + DDP + decoder_phases + ["ray.keep_checkpoints=3"])
     info = train_autoencoder(ae_cfg, [f"s3://{bucket}/tiles"], f"s3://{bucket}/runs/ae")
-    assert info["step"] == 4 and info["final_metrics"]["val_tiles"] > 0
+    assert info["step"] == 6 and info["final_metrics"]["val_tiles"] > 0
     assert 0 < info["final_metrics"]["val_ssim"] < 1 and info["final_metrics"]["val_psnr"] > 5
     from histodiff_ray.storage import exists, open_location
 

@@ -1,7 +1,9 @@
-"""`histodiff pipeline` end to end on a tiny config, on the S3 server: killed after its autoencoder
-stage, rerun to the report, skipping the stages it finished; a changed evaluate setting changes the
-hash of the evaluation stage only."""
+"""`histodiff pipeline` end to end on the paper profile (256 px tiles, narrowed widths), on the S3
+server: killed after its autoencoder stage, rerun to the report, skipping the stages it finished, then
+run with classifier-free guidance on what it made; a changed evaluate setting changes the hash of the
+evaluation stage only."""
 
+import io
 import json
 import signal
 import subprocess
@@ -9,24 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from histodiff_ray.storage import exists, list_files, open_location, read_bytes
-from tests.conftest import GEN, TINY
-from tests.data.test_ingest import make_labeled_input
+import pyarrow.parquet as pq
+from PIL import Image
+
+from histodiff_ray.storage import exists, list_files, open_location, read_bytes, read_run_info
 
 BIN = Path(sys.executable).parent
-FAST = [
-    "ray.num_workers=1",
-    "evaluate.seeds=1",
-    "evaluate.cpus_per_run=0.5",
-    # Two downstream runs, not five: the pipeline's part is to hand the evaluation its inputs (every arm
-    # is tested in tests/test_evaluate.py).
-    "evaluate.arms=real+aug",
-    "evaluate.synthetic_uses=mix",
-    "generate.per_class=4",
-    "sampling.ddim_steps=4",
-    "diffusion.finetune_steps=2",
-    "diffusion.finetune_warmup_steps=0",
-]
 
 
 def test_stage_and_plan_hashes_are_the_ones_results_were_cached_under():
@@ -94,19 +84,41 @@ def _markers(work):
     return sorted(n.rsplit("-", 1)[0] for n in list_files(stages)) if exists(stages) else []
 
 
-def test_pipeline_resumes_after_a_kill_and_skips_finished_stages(
+# bench/paper_smoke.py runs the paper profile at its model sizes (~13 minutes alone on 2 cores, past the
+# suite's budget). Here the same run with only the widths narrowed (a sixteenth of the autoencoder's and
+# ~1/36 of the UNet's FLOPs): tile size, latent shape, depths, channel multipliers, attention
+# resolutions and heads, schedules, bf16 and every stage's settings stay the profile's.
+NARROW = [
+    "autoencoder.block_out_channels=32,64,128",
+    "autoencoder.gan_channels=8",
+    "unet.base_channels=32",
+    "classifier.width=32",
+]
+# Two downstream runs per evaluation, not five: the pipeline's part is to hand the evaluation its inputs
+# (every arm is tested in tests/test_evaluate.py). Pre-training reads the target's latents (no
+# --unlabeled): the pool's path is the target's, and bench/paper_smoke.py runs it.
+FAST = ["evaluate.arms=real+aug", "evaluate.synthetic_uses=mix"]
+
+
+def test_paper_profile_pipeline_resumes_after_a_kill_then_runs_classifier_free_on_what_it_made(
     s3, s3_overrides, bucket, shared_data, ray_head, tmp_path
 ):
+    from bench.paper_smoke import SMOKE, crops
     from histodiff_ray.config import load_config
+    from histodiff_ray.ldm import LatentDiffusion
 
-    src = make_labeled_input(tmp_path / "input", shared_data, classes=("AC", "H"), per_class=24)
-    overrides = s3_overrides + TINY + GEN + FAST
-    cfg = load_config("cpu", overrides)
+    regions = shared_data / "unlabeled"
+    crops(regions / "gbm40-brain", tmp_path / "labeled" / "GBM", 3)
+    crops(regions / "tcga-lgg-brain", tmp_path / "labeled" / "LGG", 3)
+    overrides = s3_overrides + SMOKE + NARROW + FAST
+    cfg = load_config("paper", overrides)
+    assert (cfg.data.tile_size, cfg.autoencoder.latent_channels, cfg.diffusion.bf16) == (256, 3, True)
     workdir = f"s3://{bucket}/pipeline"
     work = open_location(workdir, cfg.storage)
     _, gcs, env = ray_head
     env = {**env, "RAY_ADDRESS": gcs}
-    cmd = [str(BIN / "histodiff"), "pipeline", "--labeled", str(src), "--workdir", workdir, *overrides]
+    cmd = [str(BIN / "histodiff"), "pipeline", "--config", "paper", "--labeled", str(tmp_path / "labeled")]
+    cmd += ["--workdir", workdir, *overrides]
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
@@ -123,20 +135,41 @@ def test_pipeline_resumes_after_a_kill_and_skips_finished_stages(
         assert f"[pipeline] {stage}: done before" in rerun.stdout
     # Ray Train's error line about its own actor, at every training stage, stays off the console.
     assert "PreemptionWatcher" not in rerun.stdout + rerun.stderr
-    assert set(_markers(work)) == {
-        "tiles-target",
-        "autoencoder",
-        "latents-target",
-        "pretrain",
-        "finetune",
-        "classifier",
-        "judge",
-        "synthetic",
-        "fidelity",
-        "evaluation",
-    }
+    stages = {"tiles-target", "autoencoder", "latents-target", "pretrain", "finetune"}
+    stages |= {"judge", "synthetic", "fidelity", "evaluation"}
+    assert set(_markers(work)) == stages | {"classifier"}
     result = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert result["report"].endswith("report/report.html") and exists(open_location(result["report"], cfg.storage))
     # The rerun's full log is in the workdir (the killed run's, kept locally until the end, is not).
     (log,) = [name for name in list_files(work) if name.startswith("logs/pipeline-")]
     assert "[pipeline] evaluation: running" in read_bytes(work.join(log)).decode()
+
+    # Classifier-free guidance on the same workdir: tiles, autoencoder, latents, pre-training and the
+    # judge are reused; the fine-tune (now class-conditional) and everything after it run anew.
+    cfree_cmd = cmd + ["guidance.kind=classifier_free"]
+    cfree = subprocess.run(cfree_cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert cfree.returncode == 0, cfree.stderr[-3000:]
+    for stage in ("tiles-target", "autoencoder", "latents-target", "pretrain", "judge"):
+        assert f"[pipeline] {stage}: done before" in cfree.stdout
+    for stage in ("finetune", "synthetic", "fidelity", "evaluation"):
+        assert f"[pipeline] {stage}: done before" not in cfree.stdout
+    assert [m for m in _markers(work) if m == "finetune"] == ["finetune", "finetune"]
+    sets = {f.split("/")[0] for f in list_files(work) if f.startswith("synthetic-") and f.endswith("/summary.json")}
+    assert len(sets) == 2 and all(json.loads(read_bytes(work.join(s, "summary.json")))["tiles"] == 2 for s in sets)
+    # The classifier-free set: made by a UNet fine-tuned (in bf16) from the pre-trained run with a class
+    # embedding (classes 0, 1 and the null class 2), at its own LR, guided by nothing else.
+    (syn,) = [s for s in sets if "classifier_free" in read_bytes(work.join(s, "plan.json")).decode()]
+    shard = work.join(syn, "shards", "GBM-00000.parquet")
+    table = pq.read_table(shard.path, filesystem=shard.filesystem)
+    assert set(table.column("guidance").to_pylist()) == {"classifier_free"}
+    assert table.column("classifier").null_count == table.num_rows
+    assert set(table.column("guidance_scale").to_pylist()) == {cfg.sampling.cfg_scale}
+    ldm = open_location(json.loads(read_bytes(work.join(syn, "plan.json")))["sources"]["ldm"], cfg.storage)
+    info = read_run_info(ldm)
+    assert info["kind"] == "ldm" and info["classes"] == ["GBM", "LGG"] and "/pretrain-" in info["finetuned_from"]
+    assert info["final_metrics"]["lr"] == cfg.diffusion.finetune_lr and LatentDiffusion.from_run(ldm).null_class == 2
+    # Per class, borderless mosaics of kept and dropped tiles in generation order: 8 tiles a row, no padding.
+    mosaics = [name for name in list_files(work.join(syn, "grids")) if name.startswith("GBM-")]
+    assert mosaics and all(
+        Image.open(io.BytesIO(read_bytes(work.join(syn, "grids", m)))).size == (8 * 256, 256) for m in mosaics
+    )
