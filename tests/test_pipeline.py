@@ -96,7 +96,7 @@ NARROW = [
 ]
 # Two downstream runs per evaluation, not five: the pipeline's part is to hand the evaluation its inputs
 # (every arm is tested in tests/test_evaluate.py). Pre-training reads the target's latents (no
-# --unlabeled): the pool's path is the target's, and bench/paper_smoke.py runs it.
+# --unlabeled): a pool is one more ingest and encode through the same code, which bench/paper_smoke.py runs.
 FAST = ["evaluate.arms=real+aug", "evaluate.synthetic_uses=mix"]
 
 
