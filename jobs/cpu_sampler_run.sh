@@ -8,29 +8,20 @@
 #     nohup bash jobs/cpu_sampler_run.sh ~/hd > ~/hd/samplers.log 2>&1 &
 set -euo pipefail
 WORK=${1:?usage: cpu_sampler_run.sh WORK_DIR}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-H=${HISTODIFF:-$REPO/.venv/bin/histodiff}
-bash "$REPO/jobs/cpu_fidelity_run.sh" "$WORK"
-cd "$WORK"
+# The chain in this shell: it leaves us in WORK with its `step` (skip what WORK/done marks) and `H`.
+source "$(dirname "$0")/cpu_fidelity_run.sh" "$WORK"
 sets=(--synthetic ddim50_seed0=synthetic/cg)
-run_once() {  # name, then the command; skipped when WORK/done/name exists
-  local name=$1; shift
-  [ -e "done/$name" ] && return 0
-  local t0; t0=$(date +%s); echo "== $name ($(date +%T)): $*"
-  "$@"
-  echo "$name $(( $(date +%s) - t0 )) s" >> times.log; touch "done/$name"
-}
 for seed in 0 1; do
   for sampler in ddim50 sde20 sde25 sde30; do
     name=${sampler}_seed$seed
     [ "$name" = ddim50_seed0 ] && continue  # the chain's own set, synthetic/cg
     args=(seed=$seed)
     [ "$sampler" != ddim50 ] && args+=(sampling.sampler=sde-dpmsolver++ sampling.ddim_steps=${sampler#sde})
-    run_once "$name" "$H" generate --ldm runs/finetune --classifier runs/guide --judge runs/judge --tiles tiles/crc5 \
+    step "$name" "$H" generate --ldm runs/finetune --classifier runs/guide --judge runs/judge --tiles tiles/crc5 \
         --output "synthetic/$name" --per-class 300 "${args[@]}"
     sets+=(--synthetic "$name=synthetic/$name")
   done
 done
-run_once fidelity_samplers "$H" fidelity --tiles tiles/crc5 "${sets[@]}" --oracle runs/oracle \
+step fidelity_samplers "$H" fidelity --tiles tiles/crc5 "${sets[@]}" --oracle runs/oracle \
     --output fidelity/samplers downstream.epochs=10 downstream.patience=10
 echo "done ($(date +%T)); the table: $WORK/fidelity/samplers/fidelity.md"
