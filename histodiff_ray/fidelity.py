@@ -512,7 +512,15 @@ def checkpoint_curve(
             generators = [torch.Generator().manual_seed(cfg.seed * 100_003 + i) for i in range(n)]
             fake_x = np.concatenate(
                 [
-                    ldm.decode(ldm.sample(len(g), steps=steps, sampler=cfg.sampling.sampler, generator=g))
+                    ldm.decode(
+                        ldm.sample(
+                            len(g),
+                            steps=steps,
+                            sampler=cfg.sampling.sampler,
+                            karras_sigmas=cfg.sampling.karras_sigmas,
+                            generator=g,
+                        )
+                    )
                     for g in (generators[i : i + 64] for i in range(0, n, 64))
                 ]
             )

@@ -138,6 +138,7 @@ class Synthesizer:
             steps=s["ddim_steps"],
             eta=s["eta"],
             sampler=s.get("sampler", "ddim"),
+            karras_sigmas=s.get("karras_sigmas", False),
             generator=generators,
             **steering,
         )

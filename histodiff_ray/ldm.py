@@ -79,11 +79,13 @@ class LatentDiffusion:
         labels: torch.Tensor | None = None,
         cfg_scale: float = 1.0,
         sampler: str = "ddim",
+        karras_sigmas: bool = False,
         progress=None,
     ) -> torch.Tensor:
         """Scaled latents z_0 (n × C × h × w). ``labels`` with a class-conditional UNet samples those
         classes with classifier-free guidance at ``cfg_scale``; ``cond_fn`` adds classifier guidance.
-        ``sampler``: "ddim" (with ``eta``), "dpmsolver++" (deterministic) or "sde-dpmsolver++"."""
+        ``sampler``: "ddim" (with ``eta``), "dpmsolver++" (deterministic) or "sde-dpmsolver++", the last two
+        optionally on Karras et al.'s noise levels (``karras_sigmas``)."""
         model = self.eps
         if labels is not None:
             if self.null_class is None:
@@ -101,7 +103,10 @@ class LatentDiffusion:
             return ddim_sample(model, self.schedule, (n, *self.latent_shape), eta=eta, **shared)
         if sampler in ("dpmsolver++", "sde-dpmsolver++"):
             stochastic = sampler == "sde-dpmsolver++"
-            return dpm_solver_sample(model, self.schedule, (n, *self.latent_shape), stochastic=stochastic, **shared)
+            shape = (n, *self.latent_shape)
+            return dpm_solver_sample(
+                model, self.schedule, shape, stochastic=stochastic, karras_sigmas=karras_sigmas, **shared
+            )
         raise ValueError(f"sampler {sampler!r} is not 'ddim', 'dpmsolver++' or 'sde-dpmsolver++'")
 
     @torch.no_grad()
@@ -126,6 +131,7 @@ def sample_grid(
         steps=steps,
         eta=eta,
         sampler=sampler,
+        karras_sigmas=cfg.sampling.karras_sigmas,
         generator=torch.Generator().manual_seed(seed),
         progress=lambda ts: tqdm(ts, desc=sampler, unit="step"),
     )

@@ -2,8 +2,8 @@
 # Issue 14's fewer-step sampling measured on the issue-12 CPU run: after jobs/cpu_fidelity_run.sh (run
 # first here; its finished steps are skipped), the same generator, guide and judge sample 1,500 tiles
 # with 50-step DDIM and with SDE-DPM-Solver++ at 20, 25 and 30 steps, each at seeds 0 and 1, and one
-# `histodiff fidelity` report compares the eight sets (the oracle reused). ~1 h on an idle 2-core
-# machine after the chain; resumable the same way:
+# `histodiff fidelity` report compares the eight sets (the oracle reused); then 20 and 15 steps on Karras
+# noise levels at both seeds. ~1 h on an idle 2-core machine after the chain; resumable the same way:
 #
 #     nohup bash jobs/cpu_sampler_run.sh ~/hd > ~/hd/samplers.log 2>&1 &
 set -euo pipefail
@@ -24,4 +24,19 @@ for seed in 0 1; do
 done
 step fidelity_samplers "$H" fidelity --tiles tiles/crc5 "${sets[@]}" --oracle runs/oracle \
     --output fidelity/samplers downstream.epochs=10 downstream.patience=10
-echo "done ($(date +%T)); the table: $WORK/fidelity/samplers/fidelity.md"
+# Then SDE-DPM-Solver++ on Karras et al.'s noise levels at 20 and 15 steps, both seeds, in reports of their
+# own (the same oracle, so their numbers compare with the table above).
+for steps in 20 15; do
+  karras=()
+  for seed in 0 1; do
+    name=sde${steps}karras_seed$seed
+    step "$name" "$H" generate --ldm runs/finetune --classifier runs/guide --judge runs/judge --tiles tiles/crc5 \
+        --output "synthetic/$name" --per-class 300 seed=$seed sampling.sampler=sde-dpmsolver++ \
+        sampling.ddim_steps=$steps sampling.karras_sigmas=true
+    karras+=(--synthetic "$name=synthetic/$name")
+  done
+  report=fidelity_karras; [ "$steps" = 20 ] || report=fidelity_karras$steps
+  step "$report" "$H" fidelity --tiles tiles/crc5 "${karras[@]}" --oracle runs/oracle \
+      --output "fidelity/${report#fidelity_}" downstream.epochs=10 downstream.patience=10
+done
+echo "done ($(date +%T)); the tables: $WORK/fidelity/{samplers,karras,karras15}/fidelity.md"

@@ -109,6 +109,7 @@ def test_dotted_overrides_are_typed():
         ),
         ("evaluate.label_fractions=0.05,0.05", ["evaluate.label_fractions", "distinct"]),
         ("data.val_fraction=0.9", ["data.val_fraction+test_fraction", "below 1"]),
+        ("sampling.karras_sigmas=true", ["sampling.karras_sigmas", "false with sampling.sampler=ddim"]),
         ("data.label_fraction", ["section.key=value"]),
     ],
 )

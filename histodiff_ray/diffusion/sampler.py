@@ -3,16 +3,18 @@ DPM-Solver++(2M) (Lu et al. 2022), which reaches the same samples in fewer steps
 or in its stochastic (SDE) form, which like DDIM at η = 1 draws fresh noise at every step.
 
 Timesteps are "trailing" (T−1, …, spaced T/steps apart), valid for any step count from 1 to T; the
-last step goes to ᾱ = 1. Guidance follows Dhariwal & Nichol (2021), Algorithm 2: with
-``cond_fn(z, t) = ∇_z log p(y | z_t, t)``, ε̂ = ε − √(1 − ᾱ_t) · s · cond_fn; both samplers take
-the guided ε̂ (classifier-free guidance is the ε-model itself, see guidance.py).
-"""
+last step goes to ᾱ = 1. The DPM solvers can instead step along Karras et al. (2022)'s noise
+levels (ρ = 7), which spend more of the steps at low noise, where the fine detail is drawn.
+Guidance follows Dhariwal & Nichol (2021), Algorithm 2: with ``cond_fn(z, t) = ∇_z log p(y | z_t, t)``,
+ε̂ = ε − √(1 − ᾱ_t) · s · cond_fn; both samplers take the guided ε̂ (classifier-free guidance is the
+ε-model itself, see guidance.py)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from histodiff_ray.diffusion.schedule import NoiseSchedule
@@ -84,6 +86,7 @@ def dpm_solver_sample(
     noise: torch.Tensor | None = None,
     progress: Callable | None = None,
     stochastic: bool = False,
+    karras_sigmas: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(2M): the second-order multistep solver of the diffusion ODE in data prediction,
     deterministic, on ``ddim_sample``'s timesteps. The first step is first order (no earlier
@@ -95,21 +98,23 @@ def dpm_solver_sample(
     ``stochastic``: SDE-DPM-Solver++(2M) (diffusers' ``algorithm_type="sde-dpmsolver++"``, midpoint),
     the solver of the reverse SDE: each step keeps e^(−h) of the ODE step's carry-over of z and
     replaces the rest with fresh noise from ``generator``, as DDIM at η = 1 does, so that guidance
-    acts on a path that can still change course."""
+    acts on a path that can still change course.
+
+    ``karras_sigmas``: step along Karras et al. (2022)'s noise levels instead (diffusers'
+    ``use_karras_sigmas=True``): the UNet and the guide see the nearest whole timestep, the solver
+    uses the exact level."""
     z = noise.to(device) if noise is not None else _randn(shape, generator).to(device)
     ac = schedule.alphas_cumprod
-    timesteps = ddim_timesteps(schedule.num_timesteps, steps)
+    levels = karras_levels(schedule, steps) if karras_sigmas else trailing_levels(schedule, steps)
     previous = None  # (the previous step's clean estimate, its log-SNR step h)
-    for i, t in enumerate(progress(timesteps) if progress else timesteps):
-        alpha, sigma = float(ac[t]) ** 0.5, (1 - float(ac[t])) ** 0.5
+    for i, (t, alpha, sigma) in enumerate(progress(levels) if progress else levels):
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        eps = _guided_eps(model, z, t_batch, sigma, cond_fn, guidance_scale)
+        eps = _guided_eps(model, z, t_batch, (1 - float(ac[t])) ** 0.5, cond_fn, guidance_scale)
         z0 = (z - sigma * eps) / alpha
-        if i + 1 == len(timesteps):
+        if i + 1 == len(levels):
             z = z0
             continue
-        a_next = float(ac[timesteps[i + 1]])
-        alpha_next, sigma_next = a_next**0.5, (1 - a_next) ** 0.5
+        _, alpha_next, sigma_next = levels[i + 1]
         h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)  # the step in log-SNR / 2
         estimate = z0
         if previous is not None:  # second order: extrapolate the clean estimate linearly in λ
@@ -123,6 +128,25 @@ def dpm_solver_sample(
             z = (sigma_next / sigma) * z - alpha_next * math.expm1(-h) * estimate
         previous = (z0, h)
     return z
+
+
+def trailing_levels(schedule: NoiseSchedule, steps: int) -> list[tuple[int, float, float]]:
+    """(t, α_t, σ_t) at ``ddim_timesteps``, with α_t² = ᾱ_t and α_t² + σ_t² = 1."""
+    ac = schedule.alphas_cumprod
+    return [(t, float(ac[t]) ** 0.5, (1 - float(ac[t])) ** 0.5) for t in ddim_timesteps(schedule.num_timesteps, steps)]
+
+
+def karras_levels(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> list[tuple[int, float, float]]:
+    """(t, α, σ) at ``steps`` noise levels σ/α spaced as Karras et al. (2022), eq. 5, from the
+    schedule's largest to its smallest; t is the timestep nearest in log σ/α (as diffusers rounds it)."""
+    ac = schedule.alphas_cumprod.double()
+    ratios = ((1 - ac) / ac).sqrt()  # σ/α of every timestep, increasing with t
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    top, bottom = float(ratios[-1]) ** (1 / rho), float(ratios[0]) ** (1 / rho)
+    levels = (top + ramp * (bottom - top)) ** rho
+    where = torch.from_numpy(np.interp(levels.log().numpy(), ratios.log().numpy(), np.arange(len(ratios))))
+    alphas = 1 / (levels**2 + 1).sqrt()
+    return [(int(t), float(a), float(r * a)) for t, a, r in zip(where.round(), alphas, levels)]
 
 
 def _guided_eps(

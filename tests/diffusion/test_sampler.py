@@ -6,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from histodiff_ray.config import load_config
-from histodiff_ray.diffusion.sampler import ddim_sample, ddim_timesteps, dpm_solver_sample
+from histodiff_ray.diffusion.sampler import ddim_sample, ddim_timesteps, dpm_solver_sample, karras_levels
 from histodiff_ray.diffusion.schedule import NoiseSchedule
 
 CFG = load_config("cpu").diffusion
@@ -124,7 +124,7 @@ def test_per_sample_generators_make_each_sample_independent_of_its_batch():
         ddim_sample(toy_model, SCHEDULE, (3, 4, 8, 8), steps=2, generator=gens([1, 2]))
 
 
-def reference_dpm_solver(steps, z_T, guided_eps, algorithm_type="dpmsolver++", generator=None):
+def reference_dpm_solver(steps, z_T, guided_eps, algorithm_type="dpmsolver++", generator=None, karras=False):
     from diffusers import DPMSolverMultistepScheduler
 
     sched = DPMSolverMultistepScheduler(
@@ -136,6 +136,7 @@ def reference_dpm_solver(steps, z_T, guided_eps, algorithm_type="dpmsolver++", g
         solver_order=2,
         timestep_spacing="trailing",
         final_sigmas_type="zero",
+        use_karras_sigmas=karras,
     )
     sched.set_timesteps(steps)
     z = z_T.clone()
@@ -146,19 +147,26 @@ def reference_dpm_solver(steps, z_T, guided_eps, algorithm_type="dpmsolver++", g
     return z
 
 
+def cond_fn(z, t):  # a smooth stand-in for ∇ log p(y | z_t), small enough to keep float32 rounding small
+    return 0.1 * torch.cos(z) * (1 + t.view(-1, 1, 1, 1).float() / 1000)
+
+
+def guided_by(guidance_scale):
+    """ε̂ = ε − √(1 − ᾱ_t) · s · ∇ at the model's whole timestep t, as the samplers form it."""
+
+    def guided(z, t):
+        return toy_model(z, t) - (1 - SCHEDULE.alpha_bar(t, z)).sqrt() * guidance_scale * cond_fn(z, t)
+
+    return guided
+
+
 # As for DDIM: step counts that divide T, where diffusers' float spacing gives the same timesteps.
 @pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 50])
 @pytest.mark.parametrize("guidance_scale", [0.0, 3.0])
 def test_dpm_solver_matches_diffusers_with_and_without_classifier_guidance(steps, guidance_scale):
     shape = (2, 4, 8, 8)
     z_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-
-    def cond_fn(z, t):  # a smooth stand-in for ∇ log p(y | z_t), small enough to keep float32 rounding small
-        return 0.1 * torch.cos(z) * (1 + t.view(-1, 1, 1, 1).float() / 1000)
-
-    def guided(z, t):  # ε̂ = ε − √(1 − ᾱ_t) · s · ∇, as the sampler forms it
-        return toy_model(z, t) - (1 - SCHEDULE.alpha_bar(t, z)).sqrt() * guidance_scale * cond_fn(z, t)
-
+    guided = guided_by(guidance_scale)
     ours = dpm_solver_sample(
         toy_model, SCHEDULE, shape, steps=steps, noise=z_T, cond_fn=cond_fn, guidance_scale=guidance_scale
     )
@@ -170,13 +178,7 @@ def test_dpm_solver_matches_diffusers_with_and_without_classifier_guidance(steps
 def test_sde_dpm_solver_matches_diffusers_with_the_same_noise(steps, guidance_scale):
     shape = (2, 4, 8, 8)
     z_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-
-    def cond_fn(z, t):
-        return 0.1 * torch.cos(z) * (1 + t.view(-1, 1, 1, 1).float() / 1000)
-
-    def guided(z, t):
-        return toy_model(z, t) - (1 - SCHEDULE.alpha_bar(t, z)).sqrt() * guidance_scale * cond_fn(z, t)
-
+    guided = guided_by(guidance_scale)
     ours = dpm_solver_sample(
         toy_model,
         SCHEDULE,
@@ -194,6 +196,38 @@ def test_sde_dpm_solver_matches_diffusers_with_the_same_noise(steps, guidance_sc
         again = {"steps": steps, "noise": z_T, "stochastic": True, "generator": torch.Generator().manual_seed(8)}
         other = dpm_solver_sample(toy_model, SCHEDULE, shape, **again)
         assert not torch.allclose(ours, other)
+
+
+@pytest.mark.parametrize("steps", [2, 5, 20, 50])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_dpm_solvers_on_karras_noise_levels_match_diffusers(steps, stochastic):
+    shape = (2, 4, 8, 8)
+    z_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+    guidance = {"cond_fn": cond_fn, "guidance_scale": 3.0}
+
+    def sample(karras_sigmas):  # the SDE form draws the same noise each time
+        noise = torch.Generator().manual_seed(7) if stochastic else None
+        kinds = {"stochastic": stochastic, "karras_sigmas": karras_sigmas}
+        return dpm_solver_sample(
+            toy_model, SCHEDULE, shape, steps=steps, noise=z_T, generator=noise, **guidance, **kinds
+        )
+
+    algorithm = "sde-dpmsolver++" if stochastic else "dpmsolver++"
+    noise = torch.Generator().manual_seed(7) if stochastic else None
+    reference = reference_dpm_solver(steps, z_T, guided_by(3.0), algorithm, noise, karras=True)
+    ours = sample(karras_sigmas=True)
+    torch.testing.assert_close(ours, reference.float(), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours, sample(karras_sigmas=False))  # other levels, another path from the same start
+
+
+def test_karras_levels_spend_the_steps_at_low_noise():
+    levels = karras_levels(SCHEDULE, 20)
+    timesteps = [t for t, _, _ in levels]
+    assert timesteps[0] == CFG.num_train_timesteps - 1 and timesteps[-1] == 0
+    assert timesteps == sorted(timesteps, reverse=True)
+    assert sum(t < 100 for t in timesteps) > sum(t < 100 for t in ddim_timesteps(CFG.num_train_timesteps, 20))
+    assert all(abs(a * a + s * s - 1) < 1e-9 for _, a, s in levels)
 
 
 def test_sde_dpm_solver_samples_the_data_distribution_of_an_exact_model():
