@@ -139,14 +139,13 @@ def trailing_levels(schedule: NoiseSchedule, steps: int) -> list[tuple[int, floa
 def karras_levels(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> list[tuple[int, float, float]]:
     """(t, α, σ) at ``steps`` noise levels σ/α spaced as Karras et al. (2022), eq. 5, from the
     schedule's largest to its smallest; t is the timestep nearest in log σ/α (as diffusers rounds it)."""
-    ac = schedule.alphas_cumprod.double()
-    ratios = ((1 - ac) / ac).sqrt()  # σ/α of every timestep, increasing with t
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    top, bottom = float(ratios[-1]) ** (1 / rho), float(ratios[0]) ** (1 / rho)
-    levels = (top + ramp * (bottom - top)) ** rho
-    where = torch.from_numpy(np.interp(levels.log().numpy(), ratios.log().numpy(), np.arange(len(ratios))))
-    alphas = 1 / (levels**2 + 1).sqrt()
-    return [(int(t), float(a), float(r * a)) for t, a, r in zip(where.round(), alphas, levels)]
+    ac = schedule.alphas_cumprod.double().cpu().numpy()
+    ratios = np.sqrt((1 - ac) / ac)  # σ/α of every timestep, increasing with t
+    top, bottom = ratios[-1] ** (1 / rho), ratios[0] ** (1 / rho)
+    levels = (top + np.linspace(0, 1, steps) * (bottom - top)) ** rho
+    timesteps = np.interp(np.log(levels), np.log(ratios), np.arange(len(ratios))).round()
+    alphas = 1 / np.sqrt(levels**2 + 1)
+    return [(int(t), float(a), float(r * a)) for t, a, r in zip(timesteps, alphas, levels)]
 
 
 def _guided_eps(
