@@ -480,6 +480,12 @@ COMMANDS: tuple[Command, ...] = (
             ),
             arg("--output", required=True, help="fidelity folder (local or s3://)"),
             arg(
+                "--autoencoder",
+                default=None,
+                help="a finished train-autoencoder run: also measure real train tiles through it (as many per "
+                "class as the sets generated), the ceiling of any generator that its decoder draws",
+            ),
+            arg(
                 "--c2st-min-tiles",
                 type=int,
                 default=20,
@@ -488,7 +494,15 @@ COMMANDS: tuple[Command, ...] = (
         ),
         call=lambda m, cfg, a: (
             m.fidelity_table(
-                m.fidelity(cfg, a.tiles, _parse_named(a.synthetic), a.oracle, a.output, c2st_min_tiles=a.c2st_min_tiles)
+                m.fidelity(
+                    cfg,
+                    a.tiles,
+                    _parse_named(a.synthetic),
+                    a.oracle,
+                    a.output,
+                    autoencoder=a.autoencoder,
+                    c2st_min_tiles=a.c2st_min_tiles,
+                )
             )
             + f"\nfidelity: {a.output}/fidelity.json"
         ),

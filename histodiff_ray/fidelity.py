@@ -16,6 +16,12 @@ Per synthetic set and class, the *kept* synthetic tiles are compared with the *r
 * **C2ST**, a classifier two-sample test: a tiny CNN learns to tell real from synthetic pixels on one
   half of the tiles and is scored on the other half (0.5: indistinguishable, 1.0: always told apart).
 
+With ``--autoencoder RUN`` the same numbers are also measured for real *train* tiles passed through
+that autoencoder (as many per class as the sets generated): the **ceiling** of any generator whose
+tiles its decoder draws, since a perfect latent generator would produce exactly such tiles. It says
+which targets the first stage already rules out (docs/fidelity.md: its reconstructions of real tiles
+scored a C2ST of 0.999). The oracle learnt from those train tiles, so their agreement is an upper bound.
+
 Outputs: ``OUT/fidelity.json`` (every number, the oracle's val accuracy, the sets and paths measured)
 and ``OUT/fidelity.md`` (one table per set). The oracle lives in its own folder (``--oracle``), like a
 judge; a folder that already holds one for the same tile set is reused.
@@ -50,8 +56,10 @@ from histodiff_ray.errors import HistodiffError
 from histodiff_ray.ldm import LatentDiffusion
 from histodiff_ray.metrics import fid, kid, precision_recall
 from histodiff_ray.models import to_tensor
+from histodiff_ray.models.autoencoder import load_autoencoder, reconstruct
 from histodiff_ray.plots import curves_png
 from histodiff_ray.storage import (
+    Location,
     download_dir,
     exists,
     open_location,
@@ -351,6 +359,30 @@ def measure_set(
     return rows
 
 
+def autoencoder_folder(cfg: Config, run: str) -> Location:
+    """The autoencoder folder of the finished train-autoencoder run ``run``."""
+    vae_loc = open_location(run, cfg.storage).join("model", "vae")
+    if not exists(vae_loc.join("config.json")):
+        raise HistodiffError(
+            f"no autoencoder at {vae_loc.uri}: give --autoencoder a finished train-autoencoder run folder"
+        )
+    return vae_loc
+
+
+def reconstructed_train_tiles(
+    tiles_loc: Location, vae_loc: Location, per_class: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``per_class[c]`` train tiles of each class c (in the tile set's order) through the
+    autoencoder in ``vae_loc``: (uint8 tiles, labels)."""
+    train = load_tile_table(tiles_loc, "train", columns=["image", "label"])
+    labels = train.column("label").to_numpy().astype(np.int64)
+    rows = np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(per_class)]).astype(np.int64)
+    with tempfile.TemporaryDirectory(prefix="vae-") as tmp:
+        vae = load_autoencoder(download_dir(vae_loc, tmp)).eval()
+    tiles = decode_images(train.column("image").take(rows))
+    return reconstruct(vae, tiles), labels[rows]
+
+
 def fidelity(
     cfg: Config,
     tiles: str,
@@ -358,34 +390,31 @@ def fidelity(
     oracle: str,
     output: str,
     *,
+    autoencoder: str | None = None,
     c2st_min_tiles: int = C2ST_MIN_TILES,
 ) -> dict:
     """Measure each synthetic set (name → generate output) against the real val tiles of ``tiles``
-    with the oracle in ``oracle`` (trained there first when absent); writes OUT/fidelity.json and
-    OUT/fidelity.md and returns the result."""
+    with the oracle in ``oracle`` (trained there first when absent), and with ``autoencoder`` (a
+    train-autoencoder run) the ceiling its decoder sets; writes OUT/fidelity.json and OUT/fidelity.md
+    and returns the result."""
     if not synthetic:
         raise HistodiffError("fidelity: give at least one --synthetic set")
     tiles_loc, out = open_location(tiles, cfg.storage), open_location(output, cfg.storage)
     classes = require_manifest(tiles_loc)["classes"]
+    vae_loc = autoencoder_folder(cfg, autoencoder) if autoencoder else None  # a wrong path fails before the work
     model, summary, reused = train_or_load_oracle(cfg, tiles, oracle)
     val = load_tile_table(tiles_loc, "val")
     val_x, val_y = decode_images(val.column("image")), val.column("label").to_numpy().astype(np.int64)
     _, val_features = predict(model, val_x)
-    sets = {}
-    for name, uri in synthetic.items():
-        syn_x, syn_y, generated = load_kept_synthetic(cfg, uri, classes)
-        if len(syn_x) and syn_x.shape[1:] != val_x.shape[1:]:
-            raise HistodiffError(
-                f"the synthetic set at {uri} has {syn_x.shape[1]} px tiles, the tile set {val_x.shape[1]} px"
-            )
-        probs, features = predict(model, syn_x)
-        log.info(f"[fidelity] {name}: {len(syn_y)} kept of {int(generated.sum())} generated tiles")
-        per_class = measure_set(
+
+    def measure(x: np.ndarray, y: np.ndarray, generated: np.ndarray) -> dict[str, dict]:
+        probs, features = predict(model, x)
+        return measure_set(
             val_x,
             val_y,
             val_features,
-            syn_x,
-            syn_y,
+            x,
+            y,
             features,
             probs.argmax(1),
             generated,
@@ -393,7 +422,25 @@ def fidelity(
             seed=cfg.seed,
             c2st_min_tiles=c2st_min_tiles,
         )
-        sets[name] = {"uri": open_location(uri, cfg.storage).uri, "per_class": per_class}
+
+    sets, most_generated = {}, np.zeros(len(classes), np.int64)
+    for name, uri in synthetic.items():
+        syn_x, syn_y, generated = load_kept_synthetic(cfg, uri, classes)
+        if len(syn_x) and syn_x.shape[1:] != val_x.shape[1:]:
+            raise HistodiffError(
+                f"the synthetic set at {uri} has {syn_x.shape[1]} px tiles, the tile set {val_x.shape[1]} px"
+            )
+        log.info(f"[fidelity] {name}: {len(syn_y)} kept of {int(generated.sum())} generated tiles")
+        sets[name] = {"uri": open_location(uri, cfg.storage).uri, "per_class": measure(syn_x, syn_y, generated)}
+        most_generated = np.maximum(most_generated, generated)
+    ceiling = None
+    if vae_loc:
+        rec_x, rec_y = reconstructed_train_tiles(tiles_loc, vae_loc, most_generated)
+        log.info(f"[fidelity] ceiling: {len(rec_y)} real train tiles through the autoencoder {vae_loc.uri}")
+        ceiling = {
+            "autoencoder": vae_loc.uri,
+            "per_class": measure(rec_x, rec_y, np.bincount(rec_y, minlength=len(classes))),
+        }
     result = {
         "tiles": tiles_loc.uri,
         "classes": classes,
@@ -414,6 +461,7 @@ def fidelity(
             "indistinguishable); each side subsampled to equal counts (per class for 'all')",
         },
         "sets": sets,
+        "ceiling": ceiling,
     }
     write_atomic(out.join("fidelity.json"), json.dumps(result, indent=1).encode())
     write_atomic(out.join("fidelity.md"), fidelity_table(result).encode())
@@ -422,6 +470,11 @@ def fidelity(
 
 # --- tables ----------------------------------------------------------------------------------------
 
+CEILING_NOTE = (
+    "What a perfect generator on these latents would score: real train tiles, encoded and decoded (posterior mean). "
+    "No synthetic tile drawn by this decoder can be expected to do better; 'generated' and 'kept' are the tiles "
+    "reconstructed. The oracle learnt from these very tiles, so their agreement is an upper bound."
+)
 TABLE_HEADER = ["class", "generated", "kept", "oracle agreement", "precision", "recall", "FID", "KID", "C2ST"]
 
 
@@ -469,6 +522,17 @@ def fidelity_table(result: dict) -> str:
             "|---" * len(TABLE_HEADER) + "|",
         ]
         lines += ["| " + " | ".join(row) + " |" for row in table_rows(s["per_class"])]
+    if result.get("ceiling"):
+        lines += [
+            "",
+            f"### ceiling: real train tiles through the autoencoder {result['ceiling']['autoencoder']}",
+            "",
+            CEILING_NOTE,
+            "",
+            "| " + " | ".join(TABLE_HEADER) + " |",
+            "|---" * len(TABLE_HEADER) + "|",
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in table_rows(result["ceiling"]["per_class"])]
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from histodiff_ray.config import Config
 from histodiff_ray.data.synthetic import read_tile_images
 from histodiff_ray.data.tiles import decode_images, decode_png, load_tile_table, require_manifest
-from histodiff_ray.fidelity import TABLE_HEADER, table_rows
+from histodiff_ray.fidelity import CEILING_NOTE, TABLE_HEADER, table_rows
 from histodiff_ray.ldm import tile_grid
 from histodiff_ray.storage import exists, open_location, read_bytes, write_atomic
 
@@ -336,10 +336,19 @@ def _fidelity_html(result: dict) -> str:
         f"C2ST: {html.escape(result['c2st']['what'])}; n = tiles per side.</p>",
     ]
     header = "".join(f"<th>{html.escape(h)}</th>" for h in TABLE_HEADER)
-    for name, s in result["sets"].items():
+
+    def table(per_class: dict) -> str:
         rows = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
-            for row in table_rows(s["per_class"])
+            "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in table_rows(per_class)
         )
-        parts.append(f"<h3>{html.escape(name)}: {html.escape(s['uri'])}</h3><table><tr>{header}</tr>{rows}</table>")
+        return f"<table><tr>{header}</tr>{rows}</table>"
+
+    for name, s in result["sets"].items():
+        parts.append(f"<h3>{html.escape(name)}: {html.escape(s['uri'])}</h3>{table(s['per_class'])}")
+    if result.get("ceiling"):
+        ceiling = result["ceiling"]
+        parts.append(
+            f"<h3>ceiling: real train tiles through the autoencoder {html.escape(ceiling['autoencoder'])}</h3>"
+            f"<p class='note'>{html.escape(CEILING_NOTE)}</p>{table(ceiling['per_class'])}"
+        )
     return "".join(parts)

@@ -20,6 +20,6 @@ step samples_long "$H" sample --run runs/finetune_long --n 64 --steps 50 --outpu
 step generate_long "$H" generate --ldm runs/finetune_long --classifier runs/guide --judge runs/judge \
     --tiles tiles/crc5 --output synthetic/long --per-class 300
 step fidelity_long "$H" fidelity --tiles tiles/crc5 --synthetic finetune1800=synthetic/cg \
-    --synthetic finetune8000=synthetic/long --oracle runs/oracle --output fidelity/long \
+    --synthetic finetune8000=synthetic/long --oracle runs/oracle --autoencoder runs/ae --output fidelity/long \
     downstream.epochs=10 downstream.patience=10
 echo "done ($(date +%T)); the curve: $WORK/fidelity/curve_long, the table: $WORK/fidelity/long/fidelity.md"

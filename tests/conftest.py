@@ -268,6 +268,7 @@ def tiny_models(tiny_latents):
         "overrides": overrides,
         "root": root,
         "args": args,
+        "autoencoder": f"s3://{bucket}/runs/ae",
         "classifier_info": info,
         "judge": judge,
         "leftover_checkpoints": leftover,

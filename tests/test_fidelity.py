@@ -130,6 +130,8 @@ def test_fidelity_command_measures_each_set_with_one_oracle_reused_across_runs(
         tiny_synthetic,
         "--oracle",
         f"{root}/oracle",
+        "--autoencoder",
+        tiny_models["autoencoder"],
         "--c2st-min-tiles",
         "2",
         *tiny_models["overrides"],
@@ -168,6 +170,28 @@ def test_fidelity_command_measures_each_set_with_one_oracle_reused_across_runs(
     table = read_bytes(open_location(f"{root}/fidelity/fidelity.md", cfg.storage)).decode()
     assert "| class | generated | kept | oracle agreement | precision | recall | FID | KID | C2ST |" in table
 
+    # The ceiling: real train tiles of each class through the autoencoder, as many as the sets generated.
+    ceiling = result["ceiling"]
+    assert ceiling["autoencoder"] == f"{tiny_models['autoencoder']}/model/vae"
+    train_y = load_tile_table(tiles_loc, "train").column("label").to_numpy()
+    for c, cls in enumerate(["AC", "H"]):
+        n = min(SYNTHETIC_PER_CLASS, int((train_y == c).sum()))
+        assert ceiling["per_class"][cls]["generated"] == ceiling["per_class"][cls]["kept"] == n > 0
+    assert ceiling["per_class"]["all"]["fid"] is not None and ceiling["per_class"]["all"]["c2st"] is not None
+    assert f"### ceiling: real train tiles through the autoencoder {ceiling['autoencoder']}" in table
+    assert "### ceiling" in printed
+
+    def measure_small_set(oracle: str, output: str, *extra: str) -> int:
+        return main(
+            ["fidelity", "--tiles", tiles, "--synthetic", tiny_synthetic, "--oracle", oracle, "--output", output]
+            + [*extra, *tiny_models["overrides"]]
+        )
+
+    # A wrong --autoencoder is named before any work is done.
+    no_run = f"{root}/no-such-run"
+    assert measure_small_set(f"{root}/oracle", f"{root}/fidelity-no-ae", "--autoencoder", no_run) == 2
+    assert f"no autoencoder at {no_run}/model/vae" in capsys.readouterr().err
+
     # A second run (of one set) finds the oracle in its folder and measures with it, unchanged.
     weights = read_bytes(open_location(f"{root}/oracle/model.safetensors", cfg.storage))
     assert (
@@ -195,29 +219,14 @@ def test_fidelity_command_measures_each_set_with_one_oracle_reused_across_runs(
     assert read_bytes(open_location(f"{root}/oracle/model.safetensors", cfg.storage)) == weights
 
     # A folder holding another kind of tile classifier (the judge) is not taken for an oracle.
-    assert (
-        main(
-            [
-                "fidelity",
-                "--tiles",
-                tiles,
-                "--synthetic",
-                tiny_synthetic,
-                "--oracle",
-                tiny_models["args"]["judge"],
-                "--output",
-                f"{root}/fidelity-judge",
-                *tiny_models["overrides"],
-            ]
-        )
-        == 2
-    )
+    assert measure_small_set(tiny_models["args"]["judge"], f"{root}/fidelity-judge") == 2
     assert "not a fidelity oracle" in capsys.readouterr().err
 
     # The report shows the tables and the sentence about the oracle.
     build_report(cfg, tiles=tiles, output=str(tmp_path / "report"), fidelity=f"{root}/fidelity")
     page = (tmp_path / "report" / "report.html").read_text()
     assert "Fidelity of the kept synthetic tiles" in page and "measuring instrument" in page and "<h3>cg: " in page
+    assert "<h3>ceiling: real train tiles through the autoencoder" in page
 
 
 def test_fidelity_curve_measures_every_registered_checkpoint_by_samples_seen(tiny_models):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
@@ -9,6 +10,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from histodiff_ray.config import AutoencoderConfig
+from histodiff_ray.models import to_tensor
 
 
 def build_autoencoder(cfg: AutoencoderConfig, tile_size: int) -> AutoencoderKL:
@@ -29,6 +31,17 @@ def build_autoencoder(cfg: AutoencoderConfig, tile_size: int) -> AutoencoderKL:
 def load_autoencoder(folder: str) -> AutoencoderKL:
     """A diffusers-format autoencoder folder (safetensors weights; nothing is unpickled)."""
     return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, tiles: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """uint8 tiles N×H×W×3 through the autoencoder (posterior mean, decoded), as uint8 tiles."""
+    out = []
+    for start in range(0, len(tiles), batch_size):
+        x = to_tensor(tiles[start : start + batch_size])
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        out.append(((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out) if out else tiles
 
 
 def autoencoder_loss(x: torch.Tensor, recon: torch.Tensor, kl_per_tile: torch.Tensor, kl_weight: float) -> tuple:

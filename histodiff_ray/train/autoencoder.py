@@ -32,6 +32,7 @@ from histodiff_ray.models.autoencoder import (
     build_autoencoder,
     decoder_loss,
     load_autoencoder,
+    reconstruct,
 )
 from histodiff_ray.raycluster import init_ray
 from histodiff_ray.storage import Location, download_dir, open_location, read_run_info, write_atomic
@@ -204,21 +205,12 @@ def write_reconstructions(run: Location, tile_sets: list[Location], per_set: int
     with tempfile.TemporaryDirectory(prefix="vae-") as tmp:
         vae = load_autoencoder(download_dir(run.join("model", "vae"), tmp)).eval()
 
-    def reconstruct(tiles: np.ndarray) -> np.ndarray:
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(tiles), 256):
-                x = torch.from_numpy(tiles[start : start + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
-                recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-                out.append(((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
-        return np.concatenate(out) if out else tiles
-
     scores, shown = {}, []
     for loc in tile_sets:
         tiles = decode_images(load_tile_table(loc, "val", columns=["image"]).column("image"))
         if not len(tiles):
             continue
-        recon = reconstruct(tiles)
+        recon = reconstruct(vae, tiles)
         a, b = (torch.from_numpy(t).permute(0, 3, 1, 2).float() / 255 for t in (tiles, recon))
         colour = (a.mean(dim=(2, 3)) - b.mean(dim=(2, 3))).abs().mean() * 255
         scores[loc.uri] = {
