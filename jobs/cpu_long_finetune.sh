@@ -4,7 +4,8 @@
 # crc5 latents to 8,000 steps (the LR is constant after warm-up, so this is the same run, longer), then:
 # the fidelity curve over the pre-training and all kept fine-tune checkpoints, 64 unconditional samples
 # (the same seeds as the chain's), and 1,500 guided tiles from the longer fine-tune (the chain's guide
-# and judge) in one fidelity report beside the chain's set. ~1.7 h on an idle 2-core machine; resumable:
+# and judge) and with a guide trained three times as long, in one fidelity report beside the chain's set
+# (with the ceiling the autoencoder sets). ~2.3 h on an idle 2-core machine; resumable:
 #
 #     nohup bash jobs/cpu_long_finetune.sh ~/hd > ~/hd/long.log 2>&1 &
 set -euo pipefail
@@ -19,7 +20,13 @@ step curve_long "$H" fidelity-curve --run runs/pretrain --run runs/finetune_long
 step samples_long "$H" sample --run runs/finetune_long --n 64 --steps 50 --output fidelity/finetune_long_samples.png
 step generate_long "$H" generate --ldm runs/finetune_long --classifier runs/guide --judge runs/judge \
     --tiles tiles/crc5 --output synthetic/long --per-class 300
+# A guide three times as long (9,000 steps instead of 3,000; cosine LR over its own budget), and the longer
+# fine-tune sampled with it.
+step guide9k "$H" train-classifier --latents latents/crc5 --ldm runs/finetune --run runs/guide9k \
+    --pseudo-labels runs/judge data.batch_size=32 classifier.max_steps=9000
+step generate_long9k "$H" generate --ldm runs/finetune_long --classifier runs/guide9k --judge runs/judge \
+    --tiles tiles/crc5 --output synthetic/long9k --per-class 300
 step fidelity_long "$H" fidelity --tiles tiles/crc5 --synthetic finetune1800=synthetic/cg \
-    --synthetic finetune8000=synthetic/long --oracle runs/oracle --autoencoder runs/ae --output fidelity/long \
-    downstream.epochs=10 downstream.patience=10
+    --synthetic finetune8000=synthetic/long --synthetic finetune8000_guide9k=synthetic/long9k \
+    --oracle runs/oracle --autoencoder runs/ae --output fidelity/long downstream.epochs=10 downstream.patience=10
 echo "done ($(date +%T)); the curve: $WORK/fidelity/curve_long, the table: $WORK/fidelity/long/fidelity.md"
