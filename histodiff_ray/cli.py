@@ -486,6 +486,12 @@ COMMANDS: tuple[Command, ...] = (
                 "class as the sets generated), the ceiling of any generator that its decoder draws",
             ),
             arg(
+                "--judge",
+                default=None,
+                help="with --autoencoder: select those tiles as generate does (this train-judge folder, "
+                "selection.*; no memorization audit), so the ceiling reads as a kept set",
+            ),
+            arg(
                 "--c2st-min-tiles",
                 type=int,
                 default=20,
@@ -501,6 +507,7 @@ COMMANDS: tuple[Command, ...] = (
                     a.oracle,
                     a.output,
                     autoencoder=a.autoencoder,
+                    judge=a.judge,
                     c2st_min_tiles=a.c2st_min_tiles,
                 )
             )

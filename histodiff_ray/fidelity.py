@@ -18,9 +18,11 @@ Per synthetic set and class, the *kept* synthetic tiles are compared with the *r
 
 With ``--autoencoder RUN`` the same numbers are also measured for real *train* tiles passed through
 that autoencoder (as many per class as the sets generated): the **ceiling** of any generator whose
-tiles its decoder draws, since a perfect latent generator would produce exactly such tiles. It says
-which targets the first stage already rules out (docs/fidelity.md: its reconstructions of real tiles
-scored a C2ST of 0.999). The oracle learnt from those train tiles, so their agreement is an upper bound.
+tiles its decoder draws, since a perfect latent generator would produce exactly such tiles. With
+``--judge`` they are first selected as `generate` selects, so the ceiling reads in the kept set's
+terms (how many a class keeps, the oracle's agreement with what is kept). It says which targets the
+first stage already rules out (docs/fidelity.md). The tiles are unlabeled for the method (the judge
+never learnt them); the oracle did learn them, so their agreement is an upper bound.
 
 Outputs: ``OUT/fidelity.json`` (every number, the oracle's val accuracy, the sets and paths measured)
 and ``OUT/fidelity.md`` (one table per set). The oracle lives in its own folder (``--oracle``), like a
@@ -29,6 +31,7 @@ judge; a folder that already holds one for the same tile set is reused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -53,11 +56,13 @@ from histodiff_ray.downstream import (
     train_tile_classifier,
 )
 from histodiff_ray.errors import HistodiffError
+from histodiff_ray.judge import load_judge
 from histodiff_ray.ldm import LatentDiffusion
 from histodiff_ray.metrics import fid, kid, precision_recall
 from histodiff_ray.models import to_tensor
 from histodiff_ray.models.autoencoder import load_autoencoder, reconstruct
 from histodiff_ray.plots import curves_png
+from histodiff_ray.selection import decide, nearest_centroid_scores
 from histodiff_ray.storage import (
     Location,
     download_dir,
@@ -372,15 +377,31 @@ def autoencoder_folder(cfg: Config, run: str) -> Location:
 def reconstructed_train_tiles(
     tiles_loc: Location, vae_loc: Location, per_class: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``per_class[c]`` train tiles of each class c (in the tile set's order) through the
-    autoencoder in ``vae_loc``: (uint8 tiles, labels)."""
-    train = load_tile_table(tiles_loc, "train", columns=["image", "label"])
+    """The first ``per_class[c]`` *unlabeled* train tiles of each class c (in the tile set's order:
+    tiles whose labels the method never saw, so the judge did not learn them) through the autoencoder
+    in ``vae_loc``: (uint8 tiles, labels)."""
+    train = load_tile_table(tiles_loc, "train", columns=["image", "label", "labeled"])
     labels = train.column("label").to_numpy().astype(np.int64)
-    rows = np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(per_class)]).astype(np.int64)
+    unseen = ~train.column("labeled").to_numpy(zero_copy_only=False)
+    rows = [np.flatnonzero((labels == c) & unseen)[:n] for c, n in enumerate(per_class)]
+    rows = np.concatenate(rows).astype(np.int64)
     with tempfile.TemporaryDirectory(prefix="vae-") as tmp:
         vae = load_autoencoder(download_dir(vae_loc, tmp)).eval()
     tiles = decode_images(train.column("image").take(rows))
     return reconstruct(vae, tiles), labels[rows]
+
+
+def judge_keeps(cfg: Config, judge: str, classes: list[str], tiles: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Which tiles `generate`'s selection would keep as their class: the judge's confidence ≥ τ and
+    the nearest centroid (``selection.*``); without the memorization audit, since these are real tiles."""
+    model, config, centroids = load_judge(judge, cfg.storage)
+    if config["classes"] != classes:
+        raise HistodiffError(f"the judge at {judge} knows classes {config['classes']}, the tile set has {classes}")
+    probs, features = predict(model, tiles)
+    nearest, _ = nearest_centroid_scores(features, centroids, labels)
+    no_audit = dataclasses.replace(cfg.selection, min_real_distance=0.0)
+    kept, _ = decide(labels, probs[np.arange(len(labels)), labels], nearest, None, no_audit)
+    return kept
 
 
 def fidelity(
@@ -391,16 +412,19 @@ def fidelity(
     output: str,
     *,
     autoencoder: str | None = None,
+    judge: str | None = None,
     c2st_min_tiles: int = C2ST_MIN_TILES,
 ) -> dict:
     """Measure each synthetic set (name → generate output) against the real val tiles of ``tiles``
     with the oracle in ``oracle`` (trained there first when absent), and with ``autoencoder`` (a
-    train-autoencoder run) the ceiling its decoder sets; writes OUT/fidelity.json and OUT/fidelity.md
-    and returns the result."""
+    train-autoencoder run) the ceiling its decoder sets, selected by ``judge`` when given; writes
+    OUT/fidelity.json and OUT/fidelity.md and returns the result."""
     if not synthetic:
         raise HistodiffError("fidelity: give at least one --synthetic set")
     tiles_loc, out = open_location(tiles, cfg.storage), open_location(output, cfg.storage)
     classes = require_manifest(tiles_loc)["classes"]
+    if judge and not autoencoder:
+        raise HistodiffError("fidelity: --judge selects the ceiling's tiles; give --autoencoder with it")
     vae_loc = autoencoder_folder(cfg, autoencoder) if autoencoder else None  # a wrong path fails before the work
     model, summary, reused = train_or_load_oracle(cfg, tiles, oracle)
     val = load_tile_table(tiles_loc, "val")
@@ -436,10 +460,18 @@ def fidelity(
     ceiling = None
     if vae_loc:
         rec_x, rec_y = reconstructed_train_tiles(tiles_loc, vae_loc, most_generated)
-        log.info(f"[fidelity] ceiling: {len(rec_y)} real train tiles through the autoencoder {vae_loc.uri}")
+        generated = np.bincount(rec_y, minlength=len(classes))
+        if judge:
+            kept = judge_keeps(cfg, judge, classes, rec_x, rec_y)
+            rec_x, rec_y = rec_x[kept], rec_y[kept]
+        log.info(
+            f"[fidelity] ceiling: {len(rec_y)} of {int(generated.sum())} real train tiles through the "
+            f"autoencoder {vae_loc.uri}" + (f", kept by the judge at {judge}" if judge else "")
+        )
         ceiling = {
             "autoencoder": vae_loc.uri,
-            "per_class": measure(rec_x, rec_y, np.bincount(rec_y, minlength=len(classes))),
+            "judge": open_location(judge, cfg.storage).uri if judge else None,
+            "per_class": measure(rec_x, rec_y, generated),
         }
     result = {
         "tiles": tiles_loc.uri,
@@ -471,9 +503,11 @@ def fidelity(
 # --- tables ----------------------------------------------------------------------------------------
 
 CEILING_NOTE = (
-    "What a perfect generator on these latents would score: real train tiles, encoded and decoded (posterior mean). "
-    "No synthetic tile drawn by this decoder can be expected to do better; 'generated' and 'kept' are the tiles "
-    "reconstructed. The oracle learnt from these very tiles, so their agreement is an upper bound."
+    "What a perfect generator on these latents would score: real train tiles whose labels the method never saw, "
+    "encoded and decoded (posterior mean). No synthetic tile drawn by this decoder can be expected to do better. "
+    "'generated' counts the tiles reconstructed; 'kept' those that generate's selection keeps (the judge's confidence "
+    "and nearest centroid, no memorization audit) when a judge is given, else all of them. The oracle learnt from "
+    "these very tiles, so their agreement is an upper bound."
 )
 TABLE_HEADER = ["class", "generated", "kept", "oracle agreement", "precision", "recall", "FID", "KID", "C2ST"]
 
@@ -503,6 +537,14 @@ def table_rows(per_class: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+def ceiling_title(ceiling: dict) -> str:
+    """The ceiling block's heading: which autoencoder drew the tiles, and which judge selected them."""
+    judge = ceiling.get("judge")
+    return f"ceiling: real train tiles through the autoencoder {ceiling['autoencoder']}" + (
+        f", selected by the judge {judge}" if judge else ""
+    )
+
+
 def fidelity_table(result: dict) -> str:
     """The result as Markdown: the oracle note, then one table per synthetic set."""
     lines = [
@@ -525,7 +567,7 @@ def fidelity_table(result: dict) -> str:
     if result.get("ceiling"):
         lines += [
             "",
-            f"### ceiling: real train tiles through the autoencoder {result['ceiling']['autoencoder']}",
+            f"### {ceiling_title(result['ceiling'])}",
             "",
             CEILING_NOTE,
             "",

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from histodiff_ray.config import Config
 from histodiff_ray.data.synthetic import read_tile_images
 from histodiff_ray.data.tiles import decode_images, decode_png, load_tile_table, require_manifest
-from histodiff_ray.fidelity import CEILING_NOTE, TABLE_HEADER, table_rows
+from histodiff_ray.fidelity import CEILING_NOTE, TABLE_HEADER, ceiling_title, table_rows
 from histodiff_ray.ldm import tile_grid
 from histodiff_ray.storage import exists, open_location, read_bytes, write_atomic
 
@@ -348,7 +348,7 @@ def _fidelity_html(result: dict) -> str:
     if result.get("ceiling"):
         ceiling = result["ceiling"]
         parts.append(
-            f"<h3>ceiling: real train tiles through the autoencoder {html.escape(ceiling['autoencoder'])}</h3>"
+            f"<h3>{html.escape(ceiling_title(ceiling))}</h3>"
             f"<p class='note'>{html.escape(CEILING_NOTE)}</p>{table(ceiling['per_class'])}"
         )
     return "".join(parts)

@@ -39,7 +39,7 @@ step guide "$H" train-classifier --latents latents/crc5 --ldm runs/finetune --ru
     data.batch_size=32
 step generate "$H" generate --ldm runs/finetune --classifier runs/guide --judge runs/judge --tiles tiles/crc5 \
     --output synthetic/cg --per-class 300
-step fidelity "$H" fidelity --tiles tiles/crc5 --synthetic classifier=synthetic/cg --oracle runs/oracle --autoencoder runs/ae \
-    --output fidelity/sets downstream.epochs=10 downstream.patience=10
+step fidelity "$H" fidelity --tiles tiles/crc5 --synthetic classifier=synthetic/cg --oracle runs/oracle \
+    --autoencoder runs/ae --judge runs/judge --output fidelity/sets downstream.epochs=10 downstream.patience=10
 step samples "$H" sample --run runs/finetune --n 64 --steps 50 --output fidelity/finetune_samples.png
 echo "done ($(date +%T)); wall times in $WORK/times.log"

@@ -28,5 +28,6 @@ step generate_long9k "$H" generate --ldm runs/finetune_long --classifier runs/gu
     --tiles tiles/crc5 --output synthetic/long9k --per-class 300
 step fidelity_long "$H" fidelity --tiles tiles/crc5 --synthetic finetune1800=synthetic/cg \
     --synthetic finetune8000=synthetic/long --synthetic finetune8000_guide9k=synthetic/long9k \
-    --oracle runs/oracle --autoencoder runs/ae --output fidelity/long downstream.epochs=10 downstream.patience=10
+    --oracle runs/oracle --autoencoder runs/ae --judge runs/judge \
+    --output fidelity/long downstream.epochs=10 downstream.patience=10
 echo "done ($(date +%T)); the curve: $WORK/fidelity/curve_long, the table: $WORK/fidelity/long/fidelity.md"

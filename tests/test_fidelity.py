@@ -132,6 +132,8 @@ def test_fidelity_command_measures_each_set_with_one_oracle_reused_across_runs(
         f"{root}/oracle",
         "--autoencoder",
         tiny_models["autoencoder"],
+        "--judge",
+        tiny_models["args"]["judge"],
         "--c2st-min-tiles",
         "2",
         *tiny_models["overrides"],
@@ -170,16 +172,20 @@ def test_fidelity_command_measures_each_set_with_one_oracle_reused_across_runs(
     table = read_bytes(open_location(f"{root}/fidelity/fidelity.md", cfg.storage)).decode()
     assert "| class | generated | kept | oracle agreement | precision | recall | FID | KID | C2ST |" in table
 
-    # The ceiling: real train tiles of each class through the autoencoder, as many as the sets generated.
+    # The ceiling: real train tiles of each class that the method holds unlabeled, through the autoencoder, as
+    # many as the sets generated, then selected by the judge as generate selects.
     ceiling = result["ceiling"]
     assert ceiling["autoencoder"] == f"{tiny_models['autoencoder']}/model/vae"
-    train_y = load_tile_table(tiles_loc, "train").column("label").to_numpy()
+    assert ceiling["judge"] == tiny_models["args"]["judge"]
+    train = load_tile_table(tiles_loc, "train", columns=["label", "labeled"])
+    unlabeled = train.column("label").to_numpy()[~train.column("labeled").to_numpy(zero_copy_only=False)]
+    rows = ceiling["per_class"]
     for c, cls in enumerate(["AC", "H"]):
-        n = min(SYNTHETIC_PER_CLASS, int((train_y == c).sum()))
-        assert ceiling["per_class"][cls]["generated"] == ceiling["per_class"][cls]["kept"] == n > 0
-    assert ceiling["per_class"]["all"]["fid"] is not None and ceiling["per_class"]["all"]["c2st"] is not None
-    assert f"### ceiling: real train tiles through the autoencoder {ceiling['autoencoder']}" in table
-    assert "### ceiling" in printed
+        assert rows[cls]["generated"] == min(SYNTHETIC_PER_CLASS, int((unlabeled == c).sum())) > 0
+        assert 0 <= rows[cls]["kept"] <= rows[cls]["generated"]
+    assert rows["all"]["kept"] == rows["AC"]["kept"] + rows["H"]["kept"]
+    heading = f"### ceiling: real train tiles through the autoencoder {ceiling['autoencoder']}, selected by the judge"
+    assert heading in table and heading in printed
 
     def measure_small_set(oracle: str, output: str, *extra: str) -> int:
         return main(
@@ -191,6 +197,8 @@ def test_fidelity_command_measures_each_set_with_one_oracle_reused_across_runs(
     no_run = f"{root}/no-such-run"
     assert measure_small_set(f"{root}/oracle", f"{root}/fidelity-no-ae", "--autoencoder", no_run) == 2
     assert f"no autoencoder at {no_run}/model/vae" in capsys.readouterr().err
+    assert measure_small_set(f"{root}/oracle", f"{root}/fidelity-no-ae", "--judge", tiny_models["args"]["judge"]) == 2
+    assert "give --autoencoder with it" in capsys.readouterr().err
 
     # A second run (of one set) finds the oracle in its folder and measures with it, unchanged.
     weights = read_bytes(open_location(f"{root}/oracle/model.safetensors", cfg.storage))
