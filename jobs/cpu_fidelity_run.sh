@@ -1,8 +1,9 @@
 #!/bin/bash
 # The issue-12 CPU run of docs/fidelity.md as one resumable script: tile sets, autoencoder, latents,
 # pre-training on the pool, a fine-tune long enough to see the fidelity curve flatten, judge, guide,
-# generation, fidelity. ~2.5-3 h on an otherwise idle 2-core machine; run it first thing in a
-# session, in the background, with its folders outside the checkout:
+# generation, fidelity. ~4 h on an otherwise idle 2-core machine (the autoencoder ~1.6 h, the fine-tune's
+# 6,000 steps ~1.1 h, the guide's 9,000 ~0.5 h): more than a working session, so run it first thing, in the
+# background, with its folders outside the checkout, and re-run the same command in the next session:
 #
 #     nohup bash jobs/cpu_fidelity_run.sh ~/hd > ~/hd/run.log 2>&1 &
 #
@@ -31,7 +32,7 @@ step latents_pool "$H" encode-latents --tiles tiles/pool --autoencoder runs/ae -
 step latents_crc5 "$H" encode-latents --tiles tiles/crc5 --autoencoder runs/ae --output latents/crc5
 step pretrain "$H" pretrain --latents latents/pool --run runs/pretrain data.batch_size=32 ray.keep_checkpoints=10
 step finetune "$H" finetune --pretrained runs/pretrain --latents latents/crc5 --run runs/finetune data.batch_size=32 \
-    ray.keep_checkpoints=10 diffusion.finetune_steps=1800
+    ray.keep_checkpoints=30
 step curve "$H" fidelity-curve --run runs/pretrain --run runs/finetune --tiles tiles/crc5 --oracle runs/oracle \
     --output fidelity/curve downstream.epochs=10 downstream.patience=10
 step judge "$H" train-judge --tiles tiles/crc5 --output runs/judge

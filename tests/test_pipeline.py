@@ -32,6 +32,7 @@ def test_stage_and_plan_hashes_are_the_ones_results_were_cached_under():
         "diffusion.finetune_steps=600",
         "autoencoder.gan_steps=0",
         "autoencoder.latent_channels=4",
+        "classifier.max_steps=3000",
     ]
     cfg = load_config("cpu", old_profile)
     assert [stage_hash(cfg, s) for s in ("autoencoder", "pretrain", "classifier", "generate", "evaluate")] == [
