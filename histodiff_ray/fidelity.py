@@ -56,7 +56,7 @@ from histodiff_ray.downstream import (
     train_tile_classifier,
 )
 from histodiff_ray.errors import HistodiffError
-from histodiff_ray.judge import load_judge
+from histodiff_ray.judge import load_judge, read_judge_config
 from histodiff_ray.ldm import LatentDiffusion
 from histodiff_ray.metrics import fid, kid, precision_recall
 from histodiff_ray.models import to_tensor
@@ -391,12 +391,10 @@ def reconstructed_train_tiles(
     return reconstruct(vae, tiles), labels[rows]
 
 
-def judge_keeps(cfg: Config, judge: str, classes: list[str], tiles: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def judge_keeps(cfg: Config, judge: str, tiles: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Which tiles `generate`'s selection would keep as their class: the judge's confidence ≥ τ and
     the nearest centroid (``selection.*``); without the memorization audit, since these are real tiles."""
-    model, config, centroids = load_judge(judge, cfg.storage)
-    if config["classes"] != classes:
-        raise HistodiffError(f"the judge at {judge} knows classes {config['classes']}, the tile set has {classes}")
+    model, _, centroids = load_judge(judge, cfg.storage)
     probs, features = predict(model, tiles)
     nearest, _ = nearest_centroid_scores(features, centroids, labels)
     no_audit = dataclasses.replace(cfg.selection, min_real_distance=0.0)
@@ -425,7 +423,10 @@ def fidelity(
     classes = require_manifest(tiles_loc)["classes"]
     if judge and not autoencoder:
         raise HistodiffError("fidelity: --judge selects the ceiling's tiles; give --autoencoder with it")
-    vae_loc = autoencoder_folder(cfg, autoencoder) if autoencoder else None  # a wrong path fails before the work
+    # Wrong paths fail before the work: the autoencoder's folder, the judge's classes.
+    vae_loc = autoencoder_folder(cfg, autoencoder) if autoencoder else None
+    if judge and (judge_classes := read_judge_config(judge, cfg.storage)["classes"]) != classes:
+        raise HistodiffError(f"the judge at {judge} knows classes {judge_classes}, the tile set has {classes}")
     model, summary, reused = train_or_load_oracle(cfg, tiles, oracle)
     val = load_tile_table(tiles_loc, "val")
     val_x, val_y = decode_images(val.column("image")), val.column("label").to_numpy().astype(np.int64)
@@ -462,7 +463,7 @@ def fidelity(
         rec_x, rec_y = reconstructed_train_tiles(tiles_loc, vae_loc, most_generated)
         generated = np.bincount(rec_y, minlength=len(classes))
         if judge:
-            kept = judge_keeps(cfg, judge, classes, rec_x, rec_y)
+            kept = judge_keeps(cfg, judge, rec_x, rec_y)
             rec_x, rec_y = rec_x[kept], rec_y[kept]
         log.info(
             f"[fidelity] ceiling: {len(rec_y)} of {int(generated.sum())} real train tiles through the "
