@@ -199,13 +199,18 @@ class DiffusionConfig:
     beta_schedule: Literal["linear", "scaled_linear"] = "scaled_linear"
     beta_start: Annotated[Number, Field(gt=0, lt=1)] = 0.0015
     beta_end: Annotated[Number, Field(gt=0, lt=1)] = 0.0155
-    prediction_type: Literal["epsilon"] = "epsilon"
+    # What the UNet predicts: the noise ε, or v = √ᾱ ε − √(1 − ᾱ) z₀ (Salimans & Ho 2022). A fine-tune keeps
+    # its pre-trained run's choice.
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     loss: Literal["l1", "l2"] = "l1"
     # Min-SNR-γ loss weighting (Hang et al. 2023): min(SNR_t, γ) / SNR_t per sample; 0 turns it off.
     min_snr_gamma: NonNegative = 5.0
     lr: Positive = 2e-4
     warmup_steps: NonNegativeInt = 200
     ema_decay: Fraction = 0.999
+    # The EMA's decay starts low and rises as (1 + step) / (10 + step) to ema_decay (diffusers' EMAModel), so
+    # early averages forget the starting weights fast; false: ema_decay from the first step.
+    ema_warmup: bool = True
     # Pre-training on the unlabeled pool; raise it and re-run the same --run to continue. 1,000 steps on the cpu
     # profile: longer pre-training on the non-colon pool moved samples away from crc5 (docs/fidelity.md).
     max_steps: Count = 1_000
@@ -610,7 +615,7 @@ def config_from_dict(values: dict, check_relations: bool = True) -> Config:
 # old behaviour, and the GPU requests (where work runs, not what it makes), they are left out of
 # stage and plan hashes, so that pipeline folders and synthetic sets made before are still reused.
 # The same holds for the settings of a phase that is off (gan_* while gan_steps is 0).
-NEUTRAL_KEYS = {"batch_size": None, "sampler": "ddim", "karras_sigmas": False}
+NEUTRAL_KEYS = {"batch_size": None, "sampler": "ddim", "karras_sigmas": False, "ema_warmup": True}
 PLACEMENT_KEYS = ("gpus_per_run", "gpus_per_trial")
 
 

@@ -34,6 +34,7 @@ class LatentDiffusion:
     scale_factor: float
     latent_shape: tuple[int, int, int]
     device: torch.device
+    prediction_type: str = "epsilon"
 
     @classmethod
     def from_run(cls, run: Location, device: str | None = None) -> LatentDiffusion:
@@ -53,9 +54,9 @@ class LatentDiffusion:
                 .to(dev, memory_format=torch.channels_last)
                 .eval()
             )
-        d = info["config"]["diffusion"]
-        schedule = NoiseSchedule.from_config(DiffusionConfig(**d))
-        return cls(unet, vae, schedule, float(info["scale_factor"]), tuple(info["latent_shape"]), dev)
+        d = DiffusionConfig(**info["config"]["diffusion"])
+        shape = tuple(info["latent_shape"])
+        return cls(unet, vae, NoiseSchedule.from_config(d), float(info["scale_factor"]), shape, dev, d.prediction_type)
 
     @property
     def null_class(self) -> int | None:
@@ -65,7 +66,7 @@ class LatentDiffusion:
     def eps(self, z: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if class_labels is None and self.null_class is not None:  # unconditional samples of a conditional UNet
             class_labels = torch.full((z.shape[0],), self.null_class, device=z.device, dtype=torch.long)
-        return self.unet(z, t, class_labels=class_labels).sample
+        return self.schedule.eps(self.unet(z, t, class_labels=class_labels).sample, z, t, self.prediction_type)
 
     def sample(
         self,

@@ -1,4 +1,5 @@
-"""The forward process: β schedule, ᾱ_t, and q(z_t | z_0)."""
+"""The forward process: β schedule, ᾱ_t, q(z_t | z_0), and what the UNet predicts of it: ε, or
+v = √ᾱ_t ε − √(1 − ᾱ_t) z_0 (Salimans & Ho 2022), whose scale stays ~1 at every t."""
 
 from __future__ import annotations
 
@@ -37,10 +38,27 @@ class NoiseSchedule:
         a = self.alpha_bar(t, z0)
         return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
-    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Min-SNR-γ weights for an ε-prediction loss (Hang et al. 2023): min(SNR_t, γ) / SNR_t, with
-        SNR_t = ᾱ_t / (1 − ᾱ_t). Low-noise steps, whose ε is nearly unpredictable and whose loss
-        dominates the gradient, are down-weighted; high-noise steps keep weight 1."""
+    def target(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        """What the UNet learns to predict for z_t = q_sample(z0, t, noise): ε, or v (diffusers'
+        ``DDPMScheduler.get_velocity``)."""
+        if prediction_type == "epsilon":
+            return noise
+        a = self.alpha_bar(t, z0)
+        return a.sqrt() * noise - (1 - a).sqrt() * z0
+
+    def eps(self, prediction: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        """ε from the UNet's output at z_t: the output itself, or √ᾱ_t v + √(1 − ᾱ_t) z_t. The samplers
+        and guidance work in ε, so a v-model is one conversion away from all of them."""
+        if prediction_type == "epsilon":
+            return prediction
+        a = self.alpha_bar(t, z_t)
+        return a.sqrt() * prediction + (1 - a).sqrt() * z_t
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
+        """Min-SNR-γ weights (Hang et al. 2023), SNR_t = ᾱ_t / (1 − ᾱ_t): min(SNR_t, γ) / SNR_t for an
+        ε loss, min(SNR_t, γ) / (SNR_t + 1) for a v loss (the same weight on the clean estimate's error).
+        Low-noise steps, whose target is nearly determined by z_t and whose loss dominates the gradient,
+        are down-weighted."""
         a = self.alphas_cumprod.to(t.device)[t]
         snr = a / (1 - a)
-        return (snr.clamp(max=gamma) / snr).float()
+        return (snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)).float()

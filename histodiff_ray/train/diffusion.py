@@ -3,7 +3,7 @@
     histodiff pretrain --latents s3://bucket/latents/pool --run s3://bucket/runs/pretrain
     histodiff finetune --pretrained s3://bucket/runs/pretrain --latents s3://bucket/latents/crc5 --run s3://bucket/runs/finetune
 
-DDPM ε-prediction of the latent UNet with min-SNR-γ weighting, latent flips/rot90 and an EMA of its
+DDPM ε- (or v-) prediction of the latent UNet with min-SNR-γ weighting, latent flips/rot90 and an EMA of its
 weights. Pre-training mixes one or more latent sets by weight (``--latents URI=WEIGHT``); fine-tuning
 continues from a pre-trained run's EMA weights with its own LR and step budget
 (``diffusion.finetune_*``) and, for ``guidance.kind: classifier_free``, learns a class embedding
@@ -71,6 +71,13 @@ def finetune(
     if parent.get("autoencoder") != manifests[0]["autoencoder"]:
         raise HistodiffError(
             f"{pretrained} was trained on latents of {parent.get('autoencoder')}, not {manifests[0]['autoencoder']}"
+        )
+    parent_prediction = parent["config"]["diffusion"]["prediction_type"]
+    if parent_prediction != cfg.diffusion.prediction_type:
+        raise HistodiffError(
+            f"{pretrained} predicts {parent_prediction}, this fine-tune diffusion.prediction_type="
+            f"{cfg.diffusion.prediction_type}: set diffusion.prediction_type={parent_prediction}, "
+            "or pre-train with the one you want"
         )
     classes, pseudo = None, None
     if cfg.guidance.kind == "classifier_free":
@@ -161,6 +168,7 @@ def _train(
             beta_start=d.beta_start,
             beta_end=d.beta_end,
             beta_schedule=d.beta_schedule,
+            prediction_type=d.prediction_type,
             clip_sample=False,
         ).save_pretrained(tmp)
         vae_local = download_dir(open_location(vae_dir, cfg.storage), vae_tmp)
@@ -187,14 +195,15 @@ def _train(
 class EMA:
     """Exponential moving average of a model's weights (kept as a full model, so it saves as one)."""
 
-    def __init__(self, model, decay: float):
+    def __init__(self, model, decay: float, warmup: bool = True):
         self.model = copy.deepcopy(model).requires_grad_(False)
         self.decay = decay
+        self.warmup = warmup
 
     @torch.no_grad()
     def update(self, model, step: int) -> None:
-        # Warm-up as in diffusers' EMAModel: early averages forget the random initialisation fast.
-        decay = min(self.decay, (1 + step) / (10 + step))
+        # Warm-up as in diffusers' EMAModel: early averages forget the starting weights fast.
+        decay = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
         # One multi-tensor kernel over all parameters, not a Python loop of small ones.
         torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
@@ -224,7 +233,7 @@ def diffusion_loop(config: dict) -> None:
         if num_classes is not None:
             torch.nn.init.zeros_(unet.class_embedding.weight)
     unet.to(memory_format=torch.channels_last)
-    ema = EMA(unet, d.ema_decay)
+    ema = EMA(unet, d.ema_decay, d.ema_warmup)
     runner.restore({"unet": unet, "unet_ema": ema.model}, list(unet.parameters()), lr=budget["lr"])
     model = ray.train.torch.prepare_model(unet)
     if d.bf16 and runner.rank == 0 and not bf16_is_native(runner.device):
@@ -250,10 +259,10 @@ def diffusion_loop(config: dict) -> None:
             class_labels = torch.where((y < 0) | dropped, num_classes, y)
         with torch.autocast(runner.device.type, dtype=torch.bfloat16, enabled=d.bf16):
             pred = model(channels_last(schedule.q_sample(z0, t, noise)), t, class_labels=class_labels).sample
-        err = (pred.float() - noise).abs() if d.loss == "l1" else (pred.float() - noise) ** 2
-        per_sample = err.mean(dim=(1, 2, 3))
+        diff = pred.float() - schedule.target(z0, noise, t, d.prediction_type)
+        per_sample = (diff.abs() if d.loss == "l1" else diff**2).mean(dim=(1, 2, 3))
         if d.min_snr_gamma > 0:
-            per_sample = per_sample * schedule.min_snr_weight(t, d.min_snr_gamma)
+            per_sample = per_sample * schedule.min_snr_weight(t, d.min_snr_gamma, d.prediction_type)
         loss = per_sample.mean()
         runner.record(len(z0), loss=loss.item())
         # Clipped at 1: the ε-loss's gradient spikes at small t early in training (guided-diffusion and

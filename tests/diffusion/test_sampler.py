@@ -18,7 +18,7 @@ def toy_model(z, t):
     return torch.tanh(0.5 * z + 0.001 * t.view(-1, 1, 1, 1).float())
 
 
-def reference_ddim(steps, eta, z_T, step_noises):
+def reference_ddim(steps, eta, z_T, step_noises, prediction_type="epsilon"):
     sched = DDIMScheduler(
         num_train_timesteps=CFG.num_train_timesteps,
         beta_start=CFG.beta_start,
@@ -27,6 +27,7 @@ def reference_ddim(steps, eta, z_T, step_noises):
         clip_sample=False,
         set_alpha_to_one=True,
         timestep_spacing="trailing",
+        prediction_type=prediction_type,
     )
     sched.set_timesteps(steps)
     z = z_T.clone()
@@ -51,6 +52,29 @@ def test_matches_diffusers_ddim(steps, eta):
     )
     ref = reference_ddim(steps, eta, z_T, step_noises)
     torch.testing.assert_close(ours, ref.float(), rtol=1e-4, atol=1e-4)
+
+
+def v_model_as_eps(z, t):
+    """toy_model read as a v-predictor, handed to our samplers as ε (LatentDiffusion.eps does the same)."""
+    return SCHEDULE.eps(toy_model(z, t), z, t, "v_prediction")
+
+
+@pytest.mark.parametrize("steps", [1, 8, 50])
+def test_a_v_model_samples_as_diffusers_samples_it(steps):
+    shape = (2, 4, 8, 8)
+    z_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    step_noises = [torch.randn(shape, generator=g) for _ in range(steps)]
+    ours = ddim_sample(
+        v_model_as_eps, SCHEDULE, shape, steps=steps, eta=1.0, noise=z_T, generator=torch.Generator().manual_seed(2)
+    )
+    ref = reference_ddim(steps, 1.0, z_T, step_noises, prediction_type="v_prediction")
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-4, atol=1e-4)
+    ours = dpm_solver_sample(v_model_as_eps, SCHEDULE, shape, steps=steps, noise=z_T)
+    ref = reference_dpm_solver(steps, z_T, toy_model, prediction_type="v_prediction")
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-4, atol=1e-4)
+    # Read as ε instead, the same network draws something else.
+    assert not torch.allclose(ours, dpm_solver_sample(toy_model, SCHEDULE, shape, steps=steps, noise=z_T), atol=1e-3)
 
 
 @pytest.mark.parametrize("steps", [3, 7, 333])
@@ -124,7 +148,9 @@ def test_per_sample_generators_make_each_sample_independent_of_its_batch():
         ddim_sample(toy_model, SCHEDULE, (3, 4, 8, 8), steps=2, generator=gens([1, 2]))
 
 
-def reference_dpm_solver(steps, z_T, guided_eps, algorithm_type="dpmsolver++", generator=None, karras=False):
+def reference_dpm_solver(
+    steps, z_T, guided_eps, algorithm_type="dpmsolver++", generator=None, karras=False, prediction_type="epsilon"
+):
     from diffusers import DPMSolverMultistepScheduler
 
     sched = DPMSolverMultistepScheduler(
@@ -137,6 +163,7 @@ def reference_dpm_solver(steps, z_T, guided_eps, algorithm_type="dpmsolver++", g
         timestep_spacing="trailing",
         final_sigmas_type="zero",
         use_karras_sigmas=karras,
+        prediction_type=prediction_type,
     )
     sched.set_timesteps(steps)
     z = z_T.clone()

@@ -1,7 +1,10 @@
 """The diffusion stage on the S3 server: a worker killed mid-run, resume by re-running, every
-checkpoint on storage complete and loadable; sampling; latent sets mixed by weight. (Fine-tuning is
-tested in tests/test_generate.py, where its class-conditional form is generated from.)"""
+checkpoint on storage complete and loadable; sampling; latent sets mixed by weight. The drill's UNet
+predicts v (ε, the default, is what every other test trains), so sampling and the fine-tune's check
+of its parent's prediction type are tested on it. (Fine-tuning itself is tested in
+tests/test_pipeline.py, where its class-conditional form is generated from.)"""
 
+import copy
 import io
 import json
 import os
@@ -64,6 +67,7 @@ def test_killed_worker_restarts_from_the_latest_checkpoint_then_a_rerun_resumes(
     run_uri = f"s3://{bucket}/runs/drill"
     run = open_location(run_uri, cfg.storage)
     cfg.diffusion.max_steps = 10
+    cfg.diffusion.prediction_type = "v_prediction"
     cfg.ray.max_failures = 1
     killed = {}
 
@@ -101,6 +105,7 @@ def test_killed_worker_restarts_from_the_latest_checkpoint_then_a_rerun_resumes(
             unet.config.sample_size == 16
             and vae.config.latent_channels == cfg.autoencoder.latent_channels
             and scheduler.config.beta_end == 0.0155
+            and scheduler.config.prediction_type == "v_prediction"
         )
 
     # Launching again under the same run continues from its latest checkpoint.
@@ -114,6 +119,9 @@ def test_sample_writes_a_png_grid_of_decoded_tiles(latents):
     from PIL import Image
 
     from histodiff_ray.cli import main
+    from histodiff_ray.errors import HistodiffError
+    from histodiff_ray.ldm import LatentDiffusion
+    from histodiff_ray.train.diffusion import finetune
 
     cfg, bucket = latents
     run_uri = f"s3://{bucket}/runs/drill"
@@ -126,3 +134,24 @@ def test_sample_writes_a_png_grid_of_decoded_tiles(latents):
     assert main(["sample", "--run", run_uri, "--n", "4", "--steps", "3", "--output", out, *overrides]) == 0
     grid = Image.open(io.BytesIO(read_bytes(open_location(out, cfg.storage))))
     assert grid.size == (2 + 2 * (64 + 2), 2 + 2 * (64 + 2)) and grid.mode == "RGB"
+    assert LatentDiffusion.from_run(open_location(run_uri, cfg.storage)).prediction_type == "v_prediction"
+    # An ε fine-tune of a v-model would start from weights that answer another question: refused, with the fix.
+    eps_cfg = copy.deepcopy(cfg)
+    eps_cfg.diffusion.prediction_type = "epsilon"
+    with pytest.raises(HistodiffError, match="predicts v_prediction.*set diffusion.prediction_type=v_prediction"):
+        finetune(eps_cfg, [(f"s3://{bucket}/latents", 1.0)], f"s3://{bucket}/runs/eps-of-v", run_uri)
+
+
+@pytest.mark.parametrize("warmup, expected", [(True, 0.9), (False, 0.001)])
+def test_the_ema_warm_up_forgets_the_starting_weights_fast_and_can_be_turned_off(warmup, expected):
+    from histodiff_ray.train.diffusion import EMA
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.999, warmup=warmup)
+    torch.nn.init.ones_(model.weight)
+    ema.update(model, step=0)  # decay min(0.999, 1/10) with the warm-up, 0.999 without
+    assert ema.model.weight.item() == pytest.approx(expected)
+    torch.nn.init.zeros_(ema.model.weight)
+    ema.update(model, step=1_000_000)  # late in training both average with ema_decay
+    assert ema.model.weight.item() == pytest.approx(0.001)
